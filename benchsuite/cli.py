@@ -1,0 +1,156 @@
+"""The single command line: `benchsuite list | run | leaderboard | validate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from .errors import BenchsuiteError
+
+DEFAULT_RESULTS = Path("leaderboard/results")
+DEFAULT_LEADERBOARD = Path("leaderboard/README.md")
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from .methods import discover
+
+        rows = [(e.name, e.source if e.source == "builtin" else f"{e.source} {e.version}", e.entry_point,
+                 "yes" if e.cls.frozen_image_encoder else "no", e.cls.summary) for e in discover().values()]
+        print(tabulate(rows, headers=["method", "from", "entry point", "frozen image encoder", "summary"]))
+    elif args.what == "protocols":
+        from .protocols import all_protocols
+
+        rows = []
+        for p in all_protocols():
+            data = ", ".join(p.train_datasets) + (f" -> {', '.join(p.spec['targets'])}" if p.task == "transfer" else "")
+            rows.append((p.id, p.version, p.hash if args.hashes else p.hash[:12], p.task,
+                         ",".join(map(str, p.shots)), ",".join(map(str, p.seeds)), data))
+        print(tabulate(rows, headers=["protocol", "version", "hash", "task", "shots", "seeds", "datasets"]))
+    else:
+        from .data.registry import DATASETS
+
+        rows = [(d.name, d.title, f"$DATA/{d.folder}/", "test only" if d.test_only else "train/val/test", d.template)
+                for d in DATASETS.values()]
+        print(tabulate(rows, headers=["dataset", "title", "folder", "splits", "template"]))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .clip.backbone import default_precision, load_backbone, resolve_device
+    from .engine.jobs import expand_grid
+    from .engine.recipe import parse_overrides
+    from .engine.runner import Runner
+    from .methods import discover
+    from .protocols import load_protocol
+
+    protocol = load_protocol(args.protocol)
+    methods = sorted(discover()) if not args.method or args.method == ["all"] else args.method
+    jobs = expand_grid(protocol, methods, args.dataset, args.seeds, args.shots)
+    if args.data_root is None:
+        raise BenchsuiteError(f"protocol {protocol.id!r} needs real datasets: pass --data-root DIR "
+                              f"(the CoOp layout; `benchsuite list datasets` shows the folders)")
+    device = resolve_device(args.device)
+    precision = args.precision or default_precision(device)
+    print(f"benchsuite: {len(jobs)} job(s) of {protocol.id} v{protocol.version} on {args.backbone}/{args.pretrained} "
+          f"({precision}, {device})", flush=True)
+    backbone = load_backbone(args.backbone, args.pretrained, precision=precision, device=device,
+                             cache_dir=args.model_cache)
+    results = Path(args.results)
+    runner = Runner(backbone, Path(args.data_root), results, manifests_root=results / "_manifests",
+                    overrides=parse_overrides(args.set or []), workers=args.workers)
+    summary = runner.run(jobs)
+    print(f"benchsuite: {len(summary.written)} written, {len(summary.skipped)} skipped, "
+          f"{len(summary.failed)} failed; results in {results}")
+    for line in summary.failed:
+        print(f"  failed: {line}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import write_leaderboard
+
+    fresh = write_leaderboard(Path(args.results), Path(args.out), check=args.check)
+    if args.check:
+        if not fresh:
+            print(f"{args.out} is stale: run `benchsuite leaderboard --results {args.results} --out {args.out}`",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .results.validate import validate_files
+
+    problems = validate_files([Path(f) for f in args.files])
+    bad = 0
+    for path, messages in problems.items():
+        if messages:
+            bad += 1
+            for message in messages:
+                print(f"{path}: {message}")
+        else:
+            print(f"{path}: ok")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchsuite", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="installed methods, frozen protocols, known datasets")
+    p.add_argument("what", choices=["methods", "protocols", "datasets"])
+    p.add_argument("--hashes", action="store_true", help="print full protocol hashes")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("run", help="run a protocol's job grid; one result JSON per job")
+    p.add_argument("--protocol", required=True, help="protocol id (benchsuite list protocols)")
+    p.add_argument("--method", nargs="+", help="method names or 'all' (default: all installed)")
+    p.add_argument("--dataset", nargs="+", help="training datasets or 'all' (default: the protocol's)")
+    p.add_argument("--seeds", nargs="+", type=int, help="subset of the protocol's seeds (default: all)")
+    p.add_argument("--shots", nargs="+", type=int, help="subset of the protocol's shot counts (default: all)")
+    p.add_argument("--data-root", help="folder holding the datasets in the CoOp layout")
+    p.add_argument("--backbone", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip pretrained tag, a local checkpoint file (state dict or OpenAI JIT), or 'none'")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "amp"],
+                   help="default: amp on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), help=f"results folder (default {DEFAULT_RESULTS})")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override recipe entries (marks results non-default)")
+    p.add_argument("--workers", type=int, help="data loader worker processes (default: 0 on CPU, 8 on CUDA)")
+    p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("leaderboard", help="merge result files into the markdown leaderboard")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS))
+    p.add_argument("--out", default=str(DEFAULT_LEADERBOARD))
+    p.add_argument("--check", action="store_true", help="exit 1 if --out is stale (for CI); writes nothing")
+    p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser("validate", help="check result files against the JSON Schema and their protocol")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BenchsuiteError as exc:
+        print(f"benchsuite: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("benchsuite: interrupted; finished jobs are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

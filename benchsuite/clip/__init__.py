@@ -1,0 +1,1 @@
+"""open_clip loading and the prompted text and image encoders every method shares."""

@@ -1,0 +1,187 @@
+"""Load an open_clip backbone (pretrained tag, local checkpoint or random weights), frozen.
+
+Precision modes (recorded in every result):
+- fp32: fp32 weights, fp32 compute.
+- fp16 / bf16: frozen weights cast to that dtype; a method's learnable tensors stay fp32 masters
+  and are cast on use, so gradients reach fp32 parameters (the originals ran plain fp16 SGD).
+- amp: fp32 weights and parameters, compute under `torch.autocast` (fp16 on CUDA, bf16 on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.transforms import CLIP_MEAN, CLIP_STD, ImageSpec
+from ..errors import BackboneError
+from .encoders import encode_image_prompted, encode_text_embeddings
+
+PRECISIONS = ("fp32", "fp16", "bf16", "amp")
+_WEIGHT_DTYPES = {"fp32": torch.float32, "amp": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' means CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"--device {name} was requested but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def default_precision(device: torch.device) -> str:
+    return "amp" if device.type == "cuda" else "fp32"
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Hash of every tensor of the state dict (name, dtype, shape, bytes), independent of file format."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's original release files are TorchScript archives (a zip with code/ and constants.pkl)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _create(model_name: str, pretrained: str, cache_dir: str | None) -> tuple[nn.Module, str]:
+    """Return the fp32 CPU model and the label recorded as its pretrained source."""
+    import open_clip
+
+    known = open_clip.list_models()
+    path = Path(pretrained).expanduser()
+    if pretrained.lower() == "none":
+        if model_name not in known:
+            raise BackboneError(f"unknown open_clip model {model_name!r}; see `python -c \"import open_clip; print(open_clip.list_models())\"`")
+        torch.manual_seed(0)  # random weights, but the same ones on every run
+        return open_clip.create_model(model_name, pretrained=None), "none"
+    if path.is_file():
+        if _is_torchscript(path):
+            return open_clip.load_openai_model(str(path), precision="fp32", device="cpu"), path.name
+        if model_name not in known:
+            raise BackboneError(f"unknown open_clip model {model_name!r} for checkpoint {path}")
+        try:
+            return open_clip.create_model(model_name, pretrained=str(path)), path.name
+        except Exception as exc:  # open_clip raises RuntimeError/KeyError on mismatched state dicts
+            raise BackboneError(f"checkpoint {path} does not fit model {model_name!r}: {exc}") from exc
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise BackboneError(f"checkpoint file {path} does not exist; pass an existing file or an open_clip tag")
+    if model_name not in known:
+        raise BackboneError(f"unknown open_clip model {model_name!r}; open_clip knows e.g. ViT-B-16, ViT-B-32, RN50")
+    tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
+    if pretrained not in tags:
+        raise BackboneError(f"{model_name!r} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}; "
+                            f"or pass a local checkpoint file, or 'none' for random weights")
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir), pretrained
+    except Exception as exc:
+        raise BackboneError(
+            f"could not obtain weights {model_name}/{pretrained}: {exc}. Without network, download the "
+            f"checkpoint elsewhere and pass its path: --pretrained /path/to/checkpoint"
+        ) from exc
+
+
+@dataclass
+class Backbone:
+    """A frozen open_clip CLIP plus the helpers methods need; shared by all jobs of a run."""
+
+    model: nn.Module
+    model_name: str
+    pretrained: str
+    weights_sha256: str
+    precision: str
+    device: torch.device
+    tokenizer: object
+    image_spec: ImageSpec
+    truncate_text: bool = True
+    _text_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _WEIGHT_DTYPES[self.precision]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), frozen, used as is (about 100 for OpenAI weights)."""
+        return self.model.logit_scale.detach().exp().float()
+
+    @property
+    def text_width(self) -> int:
+        return self.model.token_embedding.weight.shape[1]
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.model.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    def autocast(self):
+        """The compute context for every forward of this run (a no-op except for amp)."""
+        if self.precision != "amp":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids on the host ([N, context_length]); EOT is the argmax (highest id)."""
+        return self.tokenizer(texts)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen word embeddings of token ids, on the device."""
+        with torch.no_grad():
+            return self.model.token_embedding(tokens.to(self.device))
+
+    def encode_embeddings(self, embeddings: torch.Tensor, eot: torch.Tensor, *, deep_prompts=None) -> torch.Tensor:
+        """Prompted text encoder (differentiable w.r.t. `embeddings` and `deep_prompts`)."""
+        return encode_text_embeddings(self.model, embeddings.to(self.dtype), eot, deep_prompts=deep_prompts,
+                                      truncate=self.truncate_text)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Frozen features of plain texts (zero-shot classifiers, teachers), not normalised."""
+        tokens = self.tokenize(texts)
+        return self.encode_embeddings(self.embed_tokens(tokens), tokens.argmax(dim=-1))
+
+    def encode_image(self, images: torch.Tensor, **prompting) -> torch.Tensor:
+        """Image features; keyword arguments go to `encode_image_prompted` (prompts, deep_prompts...)."""
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        return encode_image_prompted(self.model.visual, images, **prompting)
+
+
+def load_backbone(model_name: str, pretrained: str, *, precision: str = "fp32", device: torch.device | str = "cpu",
+                  cache_dir: str | None = None) -> Backbone:
+    """Build, freeze and place the backbone; hash its weights before any precision cast."""
+    import open_clip
+
+    if precision not in PRECISIONS:
+        raise BackboneError(f"precision {precision!r} is not one of {PRECISIONS}")
+    device = torch.device(device)
+    model, source = _create(model_name, pretrained, cache_dir)
+    if not hasattr(model, "token_embedding"):
+        raise BackboneError(f"{model_name} has a custom (e.g. Hugging Face) text tower; prompt learning needs "
+                            f"open_clip's built-in text transformer")
+    model = model.float()
+    digest = weights_sha256(model)
+    model.eval().requires_grad_(False)
+    model = model.to(device=device, dtype=_WEIGHT_DTYPES[precision])
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    mean = tuple(getattr(model.visual, "image_mean", None) or CLIP_MEAN)
+    std = tuple(getattr(model.visual, "image_std", None) or CLIP_STD)
+    return Backbone(model=model, model_name=model_name, pretrained=source, weights_sha256=digest,
+                    precision=precision, device=device, tokenizer=open_clip.get_tokenizer(model_name),
+                    image_spec=ImageSpec(size=size, mean=mean, std=std))

@@ -1,0 +1,1 @@
+"""Datasets in the CoOp layout, few-shot splits, transforms and loaders."""

@@ -1,0 +1,1 @@
+"""Job grid, training loop, evaluation and the runner that ties them to result files."""

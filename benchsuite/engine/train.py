@@ -1,0 +1,96 @@
+"""The shared training loop: SGD, constant warm-up, epoch-stepped cosine, last-epoch model.
+
+No host synchronisation inside a step: losses stay on the device and are checked for finiteness
+once per epoch (a non-finite loss stops the job with the method, epoch and loss named).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import BenchsuiteError, ContractError
+from ..hookspecs import TrainBatch
+from .schedule import epoch_lr
+
+
+class NonFiniteLoss(BenchsuiteError):
+    """Training diverged; the job writes no result."""
+
+
+@dataclass
+class TrainStats:
+    seconds: float
+    images: int
+    final_loss: float
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_outputs(method: str, outputs: Any) -> None:
+    if not isinstance(outputs, dict) or not isinstance(outputs.get("loss"), torch.Tensor):
+        raise ContractError(f"method {method!r}, hook train_step: must return a dict with a tensor 'loss', "
+                            f"got {type(outputs).__name__}")
+    if outputs["loss"].dim() != 0:
+        raise ContractError(f"method {method!r}, hook train_step: 'loss' must be a scalar, "
+                            f"got shape {tuple(outputs['loss'].shape)}")
+
+
+def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, recipe: dict[str, Any], backbone,
+          frozen_image_encoder: bool, n_views: int, *, progress: str = "") -> TrainStats:
+    epochs = int(recipe["epochs"])
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ContractError(f"method {method!r}, hook setup: the recipe trains for {epochs} epochs but the "
+                            f"returned module has no parameter with requires_grad")
+    optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
+                                weight_decay=recipe["weight_decay"], dampening=0, nesterov=False)
+    device = backbone.device
+    n_images = 0
+    final = float("nan")
+    _synchronize(device)
+    start = time.perf_counter()
+    bar = tqdm(range(epochs), desc=progress or f"train {method}", unit="epoch", leave=False, disable=None)
+    for epoch in bar:
+        lr = epoch_lr(epoch, epochs, recipe["lr"], warmup_epochs=recipe["warmup_epochs"],
+                      warmup_lr=recipe["warmup_lr"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        module.train()
+        losses: list[torch.Tensor] = []
+        for step, (images, labels, *views) in enumerate(loader):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            views = [v.to(device, non_blocking=True) for v in views[0]] if n_views else []
+            with backbone.autocast():
+                features = None
+                if frozen_image_encoder:
+                    with torch.no_grad():
+                        features = backbone.encode_image(images)
+                outputs = pm.hook.train_step(batch=TrainBatch(images, labels, features, views), epoch=epoch)
+            if epoch == 0 and step == 0:
+                _check_outputs(method, outputs)
+            optimizer.zero_grad(set_to_none=True)
+            pm.hook.backward(outputs=outputs, model=module)
+            optimizer.step()
+            losses.append(outputs["loss"].detach().float())
+            n_images += images.shape[0]
+        epoch_loss = torch.stack(losses).mean()
+        final = float(epoch_loss)  # one host sync per epoch
+        if not torch.isfinite(epoch_loss):
+            raise NonFiniteLoss(f"method {method!r}: mean training loss of epoch {epoch + 1}/{epochs} is {final}; "
+                                f"lower the learning rate (--set lr=...) or check the method's loss")
+        bar.set_postfix(loss=f"{final:.4f}", lr=f"{lr:.2e}")
+        pm.hook.epoch_end(epoch=epoch, num_epochs=epochs)
+    pm.hook.train_end()
+    _synchronize(device)
+    return TrainStats(seconds=time.perf_counter() - start, images=n_images, final_loss=final)

@@ -1,0 +1,1 @@
+"""Result files: JSON Schema, atomic locked store, validation."""

@@ -1,0 +1,162 @@
+"""CoOp: Context Optimization (Zhou et al., IJCV'22), after KaiyangZhou/CoOp `trainers/coop.py` (methods.md 4.2).
+
+Behaviour followed
+- Learnable context ``ctx``: [M, D] shared by all classes, or [n_cls, M, D] class-specific (CSC).
+  Word init ("a photo of a"): M = number of words, vectors = frozen token embeddings of tokens
+  1..M of the init string (SOS skipped); CSC is ignored with a word init, as in the original.
+  Random init: N(0, 0.02^2), drawn on the CPU in fp32 after the harness seeded torch.
+- Prompt text "P <class>." with P the init words or M copies of "X"; its frozen embeddings give
+  ``token_prefix`` (SOS) and ``token_suffix`` (class, ".", EOT, padding); prompt =
+  [prefix, ctx, suffix] ("end"), or the class tokens moved to the middle (split at M // 2) or front.
+  Prefix/suffix are non-persistent buffers rebuilt for every class set, so a trained context
+  transfers to new classes and other datasets (the original deletes them on checkpoint load).
+- Text features pooled at EOT (argmax of the tokenised prompt), logits = exp(logit_scale) * cos,
+  cross-entropy loss, the same forward at train and test time.
+
+Default recipe per protocol (by task, so toy protocols inherit it)
+- base2new: ``vit_b16_ctxv1``: M = 4 from "a photo of a", end, generic, batch 32, lr 0.002,
+  200 epochs (ImageNet: 50, ``vit_b16_ep50_ctxv1``), 16 shots.
+- cross_dataset / domain_generalization (transfer): ``vit_b16_ep50_ctxv1`` on ImageNet: 50 epochs.
+- few_shot: M = 16 random, end, generic, batch 32, lr 0.002; epochs 50 (1 shot), 100 (2, 4 shots),
+  200 (8, 16 shots); ImageNet 50 for every shot count.
+All: SGD momentum 0.9, weight decay 5e-4, 1 warm-up epoch at 1e-5, epoch-stepped cosine, last epoch.
+
+Deliberate deviations
+- fp32 master context (the original updates fp16 vectors with plain SGD); the frozen backbone runs
+  in the precision the run asks for.
+- No sample dropped by the loader (the original drops the last partial batch when the few-shot
+  set has at least one batch), a harness-wide rule.
+- The text encoder stops after the longest EOT position of the call (exact, the mask is causal).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchsuite.data.registry import clean_classname
+from benchsuite.errors import BenchsuiteError
+from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
+
+POSITIONS = ("end", "middle", "front")
+FEW_SHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+
+
+class PromptLearner(nn.Module):
+    """The learnable context and the frozen token embeddings it is spliced into."""
+
+    def __init__(self, backbone, n_ctx: int, ctx_init: str, csc: bool, position: str, n_cls: int):
+        super().__init__()
+        if position not in POSITIONS:
+            raise BenchsuiteError(f"coop: class_token_position must be one of {POSITIONS}, not {position!r}")
+        self.backbone = [backbone]  # a list keeps the frozen model out of this module's state
+        self.position = position
+        width = backbone.text_width
+        if ctx_init:
+            ctx_init = ctx_init.replace("_", " ")
+            n_ctx = len(ctx_init.split(" "))
+            tokens = backbone.tokenize([ctx_init])
+            vectors = backbone.embed_tokens(tokens)[0, 1:1 + n_ctx].float().cpu()
+            self.prefix_text = ctx_init
+            self.csc = False
+        else:
+            shape = (n_cls, n_ctx, width) if csc else (n_ctx, width)
+            vectors = torch.empty(shape, dtype=torch.float32)
+            nn.init.normal_(vectors, std=0.02)
+            self.prefix_text = " ".join(["X"] * n_ctx)
+            self.csc = csc
+        self.n_ctx = n_ctx
+        self.ctx = nn.Parameter(vectors)
+        self.n_trained_classes = n_cls
+
+    def set_classnames(self, classnames: list[str]) -> None:
+        """(Re)build prefix/suffix embeddings, EOT positions and class-name lengths for a class set."""
+        if self.csc and len(classnames) != self.n_trained_classes:
+            raise BenchsuiteError("coop: class-specific context (csc=true) has one context per training class and "
+                                  "cannot classify a different class set; use csc=false for base2new and transfer")
+        backbone = self.backbone[0]
+        names = [clean_classname(c) for c in classnames]
+        tokens = backbone.tokenize([f"{self.prefix_text} {name}." for name in names])
+        embedding = backbone.embed_tokens(tokens)
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:], persistent=False)
+        self.eot = tokens.argmax(dim=-1)  # host tensor: sets the truncation length without a sync
+        self.name_lens = [len(backbone.tokenizer.encode(name)) for name in names]
+
+    def forward(self) -> torch.Tensor:
+        prefix, suffix = self.token_prefix, self.token_suffix
+        n_cls = prefix.shape[0]
+        ctx = self.ctx.to(prefix.dtype)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        if self.position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=1)
+        prompts = []
+        half = self.n_ctx // 2
+        for i, name_len in enumerate(self.name_lens):
+            cls_tok, rest = suffix[i:i + 1, :name_len], suffix[i:i + 1, name_len:]
+            if self.position == "middle":
+                parts = [prefix[i:i + 1], ctx[i:i + 1, :half], cls_tok, ctx[i:i + 1, half:], rest]
+            else:
+                parts = [prefix[i:i + 1], cls_tok, ctx[i:i + 1], rest]
+            prompts.append(torch.cat(parts, dim=1))
+        return torch.cat(prompts, dim=0)
+
+
+class CoOp(Method):
+    name = "coop"
+    summary = "Context Optimization: learned prompt context, cross-entropy (Zhou et al., IJCV'22)"
+    frozen_image_encoder = True
+
+    def __init__(self) -> None:
+        self.backbone = None
+        self.learner: PromptLearner | None = None
+        self.text_features: torch.Tensor | None = None
+
+    @hookimpl
+    def recipe(self, protocol, dataset: str, shots: int) -> dict[str, Any]:
+        common = {"batch_size": 32, "lr": 0.002, "csc": False, "class_token_position": "end"}
+        if protocol.task == "few_shot":
+            epochs = 50 if dataset == "imagenet" else FEW_SHOT_EPOCHS.get(shots, 200)
+            return {**common, "epochs": epochs, "n_ctx": 16, "ctx_init": ""}
+        epochs = 50 if dataset == "imagenet" else 200
+        return {**common, "epochs": epochs, "n_ctx": 4, "ctx_init": "a photo of a"}
+
+    @hookimpl
+    def setup(self, ctx: SetupContext) -> nn.Module:
+        r = ctx.recipe
+        self.backbone = ctx.backbone
+        self.learner = PromptLearner(ctx.backbone, int(r["n_ctx"]), str(r["ctx_init"]), bool(r["csc"]),
+                                     str(r["class_token_position"]), len(ctx.classnames))
+        self.learner.set_classnames(ctx.classnames)
+        return self.learner
+
+    def class_text_features(self) -> torch.Tensor:
+        features = self.backbone.encode_embeddings(self.learner(), self.learner.eot)
+        return F.normalize(features.float(), dim=-1)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(image_features.float(), dim=-1)
+        return self.backbone.logit_scale * image @ text_features.t()
+
+    @hookimpl
+    def train_step(self, batch: TrainBatch, epoch: int) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch.image_features, self.class_text_features())
+        return {"loss": F.cross_entropy(logits, batch.labels)}
+
+    @hookimpl
+    def prepare_eval(self, classnames: list[str], dataset: str, template: str) -> None:
+        self.learner.set_classnames(classnames)
+        self.text_features = self.class_text_features()
+
+    @hookimpl
+    def predict(self, batch: EvalBatch) -> torch.Tensor:
+        return self.logits(batch.image_features, self.text_features)
+
+
+@hookimpl
+def benchsuite_methods():
+    return [CoOp]

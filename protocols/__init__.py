@@ -1,0 +1,1 @@
+"""Frozen, versioned protocol definitions (data files; see benchsuite.protocols)."""
