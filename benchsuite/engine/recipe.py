@@ -54,14 +54,14 @@ def apply_profile(recipe: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
 
 
 def resolve_recipe(method: str, method_recipe: dict[str, Any] | None, profile: dict[str, Any],
-                   overrides: Overrides) -> tuple[dict[str, Any], bool]:
-    """The job's recipe, and whether a user override changed it. Unqualified overrides skip methods
+                   overrides: Overrides) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's recipe, and the entries a user override changed. Unqualified overrides skip methods
     that learn nothing (zero-shot), so `--set epochs=5` shortens every trained method only."""
     recipe = apply_profile({**HARNESS_DEFAULTS, **(method_recipe or {})}, profile)
     changes = dict(overrides.get(None, {})) if recipe["epochs"] > 0 else {}
     changes.update(overrides.get(method, {}))
-    overridden = any(recipe.get(k, object()) != v for k, v in changes.items())
-    return {**recipe, **changes}, overridden
+    changed = {k: v for k, v in changes.items() if recipe.get(k, object()) != v}
+    return {**recipe, **changes}, changed
 
 
 def config_hash(method: str, recipe: dict[str, Any]) -> str:

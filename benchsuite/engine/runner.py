@@ -144,7 +144,7 @@ class Runner:
     def run_job(self, job: Job, *, prefix: str = "") -> Path | None:
         entry = get_method(job.method)
         pm, method = job_manager(entry)
-        recipe, overridden = resolve_recipe(
+        recipe, overrides = resolve_recipe(
             job.method, pm.hook.recipe(protocol=job.protocol, dataset=job.dataset, shots=job.shots),
             job.protocol.profile, self.overrides)
         if recipe["model_selection"] != job.protocol.spec["model_selection"]:
@@ -167,7 +167,7 @@ class Runner:
             if self.store.existing(path, jid) is not None:
                 return None
             result = self._execute(job, entry, pm, recipe, chash, jid, backbone, prefix)
-            result["method"]["default_recipe"] = not overridden
+            result["method"].update(default_recipe=not overrides, overrides=overrides)
             written = self.store.write(result)
         metrics = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in result["metrics"].items())
         self.echo(f"{prefix}: {metrics} -> {written}")
@@ -229,7 +229,7 @@ class Runner:
             "job": {"id": jid, "protocol": job.protocol.ref(), "method": job.method, "dataset": job.dataset,
                     "shots": job.shots, "seed": job.seed},
             "method": {"name": job.method, "source": entry.source, "recipe": recipe, "config_hash": chash,
-                       "default_recipe": True, "trainable_params": trainable},
+                       "default_recipe": True, "overrides": {}, "trainable_params": trainable},
             "backbone": backbone_rec,
             "data": {"train": {"dataset": job.dataset, "fingerprint": train_fp, "n_images": len(train_split.train),
                                "n_classes": len(train_split.classnames), "manifest_sha256": manifest_sha,

@@ -1,0 +1,147 @@
+"""Is a result file acceptable for the leaderboard? Schema first, then its frozen protocol.
+
+A result that passes the schema can still be incomparable: produced under an edited protocol,
+for a seed or shot count the protocol does not run, or with accuracies that do not follow from
+the recorded counts. Each message says which field is wrong and why it matters.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import ProtocolError
+from ..protocols import Protocol, load_protocol
+from .schema import json_path, validate_schema
+from .store import read_json
+
+ACCURACY_TOLERANCE = 1e-6
+
+
+@lru_cache(maxsize=None)
+def _shipped(pid: str) -> Protocol | str:
+    """The shipped protocol, or the reason it cannot be loaded (protocols are frozen: cache)."""
+    try:
+        return load_protocol(pid)
+    except ProtocolError as exc:
+        return str(exc)
+
+
+def _names(items: Iterable[str]) -> str:
+    return ", ".join(repr(i) for i in sorted(items))
+
+
+def _metric_problems(result: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in sorted(result["metrics"]):
+        metric = result["metrics"][key]
+        where = json_path(["metrics", key])
+        correct, total, accuracy = metric["correct"], metric["total"], metric["accuracy"]
+        if correct > total:
+            problems.append(f"{where}: correct {correct} > total {total}")
+        expected = 100.0 * correct / total
+        if not math.isclose(accuracy, expected, rel_tol=0.0, abs_tol=ACCURACY_TOLERANCE):
+            problems.append(
+                f"{json_path(['metrics', key, 'accuracy'])}: {accuracy!r} != 100*correct/total = {expected!r}"
+            )
+        evals = result["data"]["evals"]
+        if key in evals and evals[key]["n_images"] != total:
+            problems.append(
+                f"{json_path(['metrics', key, 'total'])}: {total} images evaluated, but "
+                f"data.evals.{key}.n_images is {evals[key]['n_images']} (the eval did not cover its test set)"
+            )
+    return problems
+
+
+def _protocol_problems(result: dict[str, Any]) -> list[str]:
+    job = result["job"]
+    ref = job["protocol"]
+    shipped = _shipped(ref["id"])
+    if isinstance(shipped, str):
+        return [f"$.job.protocol.id: {shipped}"]
+    p: Protocol = shipped
+    problems = []
+    if ref["version"] != p.version:
+        problems.append(
+            f"$.job.protocol.version: result was produced under {p.id} v{ref['version']}, but the shipped "
+            f"protocol is v{p.version}; the result is incomparable"
+        )
+    if ref["hash"] != p.hash:
+        problems.append(
+            f"$.job.protocol.hash: {ref['hash'][:12]} differs from the shipped {p.id} v{p.version} hash "
+            f"{p.hash[:12]}; the result was produced under a different protocol definition and is incomparable"
+        )
+    if job["dataset"] not in p.train_datasets:
+        problems.append(
+            f"$.job.dataset: {job['dataset']!r} is not a training dataset of {p.id} "
+            f"(expected one of {_names(p.train_datasets)})"
+        )
+    if job["seed"] not in p.seeds:
+        problems.append(f"$.job.seed: {job['seed']} is not a seed of {p.id} (seeds {p.seeds})")
+    if job["shots"] not in p.shots:
+        problems.append(f"$.job.shots: {job['shots']} is not a shot count of {p.id} (shots {p.shots})")
+    return problems
+
+
+def _consistency_problems(result: dict[str, Any]) -> list[str]:
+    job, problems = result["job"], []
+    if result["method"]["name"] != job["method"]:
+        problems.append(f"$.method.name: {result['method']['name']!r} differs from job.method {job['method']!r}")
+    if result["data"]["train"]["dataset"] != job["dataset"]:
+        problems.append(
+            f"$.data.train.dataset: {result['data']['train']['dataset']!r} differs from job.dataset {job['dataset']!r}"
+        )
+    return problems
+
+
+def _key_problems(result: dict[str, Any]) -> list[str]:
+    shipped = _shipped(result["job"]["protocol"]["id"])
+    problems = []
+    if isinstance(shipped, str):
+        return problems
+    p: Protocol = shipped
+    expected, got = set(p.eval_names), set(result["metrics"])
+    if expected != got:
+        parts = []
+        if expected - got:
+            parts.append(f"missing {_names(expected - got)}")
+        if got - expected:
+            parts.append(f"unexpected {_names(got - expected)}")
+        problems.append(f"$.metrics: keys must be exactly {_names(expected)} for {p.id}: " + "; ".join(parts))
+    evals = set(result["data"]["evals"])
+    if evals != got:
+        problems.append(f"$.data.evals: keys {_names(evals)} must equal the metrics keys {_names(got)}")
+    return problems
+
+
+_CHECKS = (_protocol_problems, _consistency_problems, _key_problems, _metric_problems)
+
+
+def validate_result(result: Any) -> list[str]:
+    """Every reason `result` cannot be merged: schema problems, then protocol problems; [] if fine."""
+    problems = validate_schema(result)
+    schema_ok = not problems
+    for check in _CHECKS:
+        if schema_ok:
+            problems += check(result)
+            continue
+        try:  # best effort on a malformed result: the schema messages already explain the structure
+            problems += check(result)
+        except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
+            pass
+    return problems
+
+
+def validate_files(paths: Iterable[Path | str]) -> dict[Path, list[str]]:
+    """Problems per file (empty list: acceptable); unparseable JSON names the error position."""
+    report: dict[Path, list[str]] = {}
+    for raw in paths:
+        path = Path(raw)
+        data, why = read_json(path)
+        report[path] = [f"file {why}"] if data is None else validate_result(data)
+    return report
+
+
+__all__ = ["ACCURACY_TOLERANCE", "validate_files", "validate_result"]
