@@ -43,6 +43,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .clip.backbone import default_precision, load_backbone, resolve_device
     from .engine.jobs import expand_grid
     from .engine.recipe import parse_overrides
+    from .engine.feature_cache import FeatureCache
     from .engine.runner import Runner
     from .methods import discover
     from .protocols import load_protocol
@@ -59,15 +60,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"({precision}, {device})", flush=True)
     backbone = load_backbone(args.backbone, args.pretrained, precision=precision, device=device,
                              cache_dir=args.model_cache)
+    backbone.truncate_text = not args.no_text_truncation
     results = Path(args.results)
+    cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
     runner = Runner(backbone, Path(args.data_root), results, manifests_root=results / "_manifests",
-                    overrides=parse_overrides(args.set or []), workers=args.workers)
+                    overrides=parse_overrides(args.set or []), workers=args.workers, feature_cache=cache)
     summary = runner.run(jobs)
     print(f"benchsuite: {len(summary.written)} written, {len(summary.skipped)} skipped, "
           f"{len(summary.failed)} failed; results in {results}")
     for line in summary.failed:
         print(f"  failed: {line}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .engine.feature_cache import FeatureCache
+
+    cache = FeatureCache(args.feature_cache)
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached feature set(s) from {cache.root}")
+        return 0
+    rows = [(e.key[:12], e.meta.get("model"), e.meta.get("pretrained"), e.meta.get("precision"),
+             e.meta.get("n_images"), f"{e.bytes / 2**20:.1f}") for e in cache.entries()]
+    print(tabulate(rows, headers=["key", "model", "pretrained", "precision", "images", "MiB"]))
+    print(f"{len(rows)} entries in {cache.root}")
+    return 0
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -126,7 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override recipe entries (marks results non-default)")
     p.add_argument("--workers", type=int, help="data loader worker processes (default: 0 on CPU, 8 on CUDA)")
     p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
+    p.add_argument("--feature-cache", help="test-set feature cache folder (default $BENCHSUITE_CACHE/features)")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="recompute test-set image features for every evaluation")
+    p.add_argument("--no-text-truncation", action="store_true",
+                   help="run the text encoder over all context positions (the exact fast path cuts after EOT)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("cache", help="list or clear the test-set feature cache")
+    p.add_argument("action", choices=["ls", "clear"])
+    p.add_argument("--feature-cache", help="cache folder (default $BENCHSUITE_CACHE/features)")
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("leaderboard", help="merge result files into the markdown leaderboard")
     p.add_argument("--results", default=str(DEFAULT_RESULTS))

@@ -1,9 +1,15 @@
-"""Evaluation: top-1 accuracy (micro) of the last-epoch model on one class set."""
+"""Evaluation: top-1 accuracy (micro) of the last-epoch model on one class set.
+
+The batches come from the runner: test images for methods that prompt the image encoder, or
+features of the frozen image encoder (computed here lazily, or read from the feature cache) for
+the others. Feature computation happens inside the timed region, so images/s stays truthful.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import pluggy
 import torch
@@ -25,9 +31,34 @@ class EvalResult:
         return 100.0 * self.correct / self.total
 
 
+def image_batches(loader, device: torch.device) -> Iterator[EvalBatch]:
+    for images, labels in loader:
+        yield EvalBatch(labels=labels.to(device, non_blocking=True), images=images.to(device, non_blocking=True))
+
+
+def feature_batches(features: Callable[[], tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+                    device: torch.device) -> Iterator[EvalBatch]:
+    """Split precomputed (or cached) features into batches; `features` is called lazily."""
+    feats, labels = features()
+    for start in range(0, labels.shape[0], batch_size):
+        yield EvalBatch(labels=labels[start:start + batch_size].to(device, non_blocking=True),
+                        image_features=feats[start:start + batch_size].to(device, non_blocking=True))
+
+
 @torch.no_grad()
-def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, classnames: list[str],
-             dataset: str, template: str, backbone, frozen_image_encoder: bool, *, progress: str = "") -> EvalResult:
+def compute_features(backbone, loader, *, progress: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of the frozen, unprompted image encoder for a whole evaluation set."""
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc=progress or "image features", unit="batch", leave=False, disable=None):
+        with backbone.autocast():
+            feats.append(backbone.encode_image(images).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: Iterable[EvalBatch],
+             classnames: list[str], dataset: str, template: str, backbone, *, progress: str = "") -> EvalResult:
     device = backbone.device
     module.eval()
     if device.type == "cuda":
@@ -37,20 +68,16 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, c
         pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template)
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
-    for images, labels in tqdm(loader, desc=progress or f"eval {dataset}", unit="batch", leave=False, disable=None):
-        labels = labels.to(device, non_blocking=True)
+    for batch in tqdm(batches, desc=progress or f"eval {dataset}", unit="batch", leave=False, disable=None):
         with backbone.autocast():
-            if frozen_image_encoder:
-                batch = EvalBatch(labels=labels, image_features=backbone.encode_image(images))
-            else:
-                batch = EvalBatch(labels=labels, images=images.to(device, non_blocking=True))
             logits = pm.hook.predict(batch=batch)
-        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (labels.shape[0], len(classnames)):
+        n = batch.labels.shape[0]
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n, len(classnames)):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ContractError(f"method {method!r}, hook predict: expected logits of shape "
-                                f"({labels.shape[0]}, {len(classnames)}), got {shape}")
-        correct += (logits.argmax(dim=-1) == labels).sum()
-        total += labels.shape[0]
+                                f"({n}, {len(classnames)}), got {shape}")
+        correct += (logits.argmax(dim=-1) == batch.labels).sum()
+        total += n
     n_correct = int(correct)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

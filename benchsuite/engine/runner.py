@@ -30,7 +30,8 @@ from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import SetupContext
 from ..methods import MethodEntry, get_method, implements, job_manager
 from ..results.store import ResultStore
-from .evaluate import evaluate
+from .evaluate import compute_features, evaluate, feature_batches, image_batches
+from .feature_cache import FeatureCache, feature_key
 from .jobs import Job, job_id
 from .recipe import Overrides, config_hash, resolve_recipe
 from .seeding import seed_everything
@@ -74,7 +75,8 @@ class Runner:
     """Holds what jobs of one invocation share: backbone, loaded datasets, stores."""
 
     def __init__(self, backbone: Backbone, data_root: Path, results_root: Path, *, manifests_root: Path,
-                 overrides: Overrides | None = None, workers: int | None = None, echo=print):
+                 overrides: Overrides | None = None, workers: int | None = None,
+                 feature_cache: FeatureCache | None = None, echo=print):
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.store = ResultStore(Path(results_root))
@@ -82,6 +84,7 @@ class Runner:
         self.manifests = ManifestStore(manifests_root)
         self.overrides = overrides or {}
         self.workers = loaders.default_workers(backbone.device) if workers is None else workers
+        self.feature_cache = feature_cache  # None: computed afresh for every evaluation
         self.echo = echo
         self._splits: dict[str, DatasetSplits] = {}
         self._env = environment()
@@ -213,13 +216,23 @@ class Runner:
                 self._save_shared(share_key, module, jid, stats.seconds, stats.images)
         e_tf = test_transform(b.image_spec)
         metrics, evals, eval_seconds, eval_images = {}, {}, 0.0, 0
+        batch_size = int(job.protocol.spec["eval_batch_size"])
+        cache_states = []
         for ev, items, classnames, root in self.eval_data(job, split):
-            loader = loaders.eval_loader(items, e_tf, int(job.protocol.spec["eval_batch_size"]),
-                                         workers=self.workers, pin_memory=b.device.type == "cuda")
-            res = evaluate(pm, job.method, module, loader, classnames, ev.dataset, get_dataset(ev.dataset).template,
-                           b, entry.cls.frozen_image_encoder, progress=f"{prefix} eval {ev.key}")
+            fp = fingerprint(items, root)
+            loader = loaders.eval_loader(items, e_tf, batch_size, workers=self.workers,
+                                         pin_memory=b.device.type == "cuda")
+            if entry.cls.frozen_image_encoder:
+                features, state = self._features(loader, fp, describe(e_tf), f"{prefix} features {ev.key}")
+                batches = feature_batches(features, batch_size, b.device)
+                cache_states.append(state)
+            else:
+                batches = image_batches(loader, b.device)
+                cache_states.append("off")
+            res = evaluate(pm, job.method, module, batches, classnames, ev.dataset, get_dataset(ev.dataset).template,
+                           b, progress=f"{prefix} eval {ev.key}")
             metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total}
-            evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fingerprint(items, root), "n_images": len(items),
+            evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
                              "n_classes": len(classnames), "transform": describe(e_tf)}
             eval_seconds += res.seconds
             eval_images += res.total
@@ -240,10 +253,32 @@ class Runner:
                        "train_ms_per_image": 1000.0 * train_seconds / train_images if train_images else 0.0,
                        "eval_seconds": eval_seconds, "eval_images": eval_images,
                        "eval_images_per_second": eval_images / eval_seconds if eval_seconds > 0 else 0.0,
-                       "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": shared_from},
+                       "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": shared_from,
+                       "eval_feature_cache": "hit" if cache_states and set(cache_states) == {"hit"} else
+                                             "off" if set(cache_states) <= {"off"} else "miss"},
             "environment": self._env,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+    def _features(self, loader, fp: str, transform: str, progress: str):
+        """A lazy source of (features, labels) for a frozen-encoder evaluation, and the cache state."""
+        b = self.backbone
+        compute = lambda: compute_features(b, loader, progress=progress)
+        if self.feature_cache is None:
+            return compute, "off"
+        key = feature_key(b.model_name, b.weights_sha256, fp, transform, b.precision)
+        if self.feature_cache.has(key):
+            cached = lambda: self.feature_cache.get(key) or compute()  # a damaged entry is recomputed
+            return cached, "hit"
+
+        def compute_and_store():
+            feats, labels = compute()
+            self.feature_cache.put(key, feats, labels, {"model": b.model_name, "pretrained": b.pretrained,
+                                                        "precision": b.precision, "fingerprint": fp,
+                                                        "n_images": int(labels.shape[0])})
+            return feats, labels
+
+        return compute_and_store, "miss"
 
     # ---- trainings shared between protocols -----------------------------------------------------
     def _shared_path(self, key: str) -> Path:
