@@ -43,6 +43,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .clip.backbone import default_precision, load_backbone, resolve_device
     from .engine.jobs import expand_grid
     from .engine.recipe import parse_overrides
+    from .data.loaders import PRELOAD_BUDGET
     from .engine.feature_cache import FeatureCache
     from .engine.runner import Runner
     from .methods import discover
@@ -64,7 +65,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     results = Path(args.results)
     cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
     runner = Runner(backbone, Path(args.data_root), results, manifests_root=results / "_manifests",
-                    overrides=parse_overrides(args.set or []), workers=args.workers, feature_cache=cache)
+                    overrides=parse_overrides(args.set or []), workers=args.workers, feature_cache=cache,
+                    preload_budget=0 if args.no_preload else PRELOAD_BUDGET)
     summary = runner.run(jobs)
     print(f"benchsuite: {len(summary.written)} written, {len(summary.skipped)} skipped, "
           f"{len(summary.failed)} failed; results in {results}")
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute test-set image features for every evaluation")
     p.add_argument("--no-text-truncation", action="store_true",
                    help="run the text encoder over all context positions (the exact fast path cuts after EOT)")
+    p.add_argument("--no-preload", action="store_true",
+                   help="decode training images from disk at every step instead of once per job")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("cache", help="list or clear the test-set feature cache")

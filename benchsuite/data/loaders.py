@@ -8,32 +8,57 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datum import Datum
 
+#: decoded training images kept in memory per job (bytes); 0 decodes from disk at every access
+PRELOAD_BUDGET = 2 * 1024**3
+
+
+def decode(path: str) -> Image.Image:
+    """PIL RGB, as Dassl's `read_image`."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
 
 class ImageList(Dataset):
-    """Reads images as PIL RGB (as Dassl does) and applies one transform per access."""
+    """Images as PIL RGB with one random transform per access.
 
-    def __init__(self, items: list[Datum], transform, n_views: int = 0):
+    With a `preload_budget` (bytes), every image is decoded once up front when the decoded set fits
+    the budget (few-shot sets do; ImageNet 16-shot at full resolution may not), so each epoch only
+    pays for the augmentation; the random transforms are still drawn per access.
+    """
+
+    def __init__(self, items: list[Datum], transform, n_views: int = 0, preload_budget: int = 0):
         self.items = items
         self.transform = transform
         self.n_views = n_views
+        self.decoded = [decode(item.impath) for item in items] if self._fits(preload_budget) else None
+
+    def _fits(self, budget: int) -> bool:
+        if budget <= 0:
+            return False
+        total = 0
+        for item in self.items:  # header only: PIL reads the size without decoding pixels
+            with Image.open(item.impath) as img:
+                total += img.width * img.height * 3
+            if total > budget:
+                return False
+        return True
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
         item = self.items[index]
-        with Image.open(item.impath) as img:
-            rgb = img.convert("RGB")
+        rgb = self.decoded[index] if self.decoded is not None else decode(item.impath)
         if self.n_views:
             return self.transform(rgb), item.label, [self.transform(rgb) for _ in range(self.n_views)]
         return self.transform(rgb), item.label
 
 
 def train_loader(items: list[Datum], transform, batch_size: int, *, workers: int, pin_memory: bool,
-                 n_views: int = 0) -> DataLoader:
+                 n_views: int = 0, preload_budget: int = PRELOAD_BUDGET) -> DataLoader:
     """Shuffled each epoch from torch's seeded RNG. Dassl sets drop_last when len >= batch size,
     which silently discards up to batch_size-1 few-shot samples per epoch; we keep them all."""
-    return DataLoader(ImageList(items, transform, n_views), batch_size=batch_size, shuffle=True, drop_last=False,
+    return DataLoader(ImageList(items, transform, n_views, preload_budget), batch_size=batch_size, shuffle=True, drop_last=False,
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
 
 

@@ -76,7 +76,8 @@ class Runner:
 
     def __init__(self, backbone: Backbone, data_root: Path, results_root: Path, *, manifests_root: Path,
                  overrides: Overrides | None = None, workers: int | None = None,
-                 feature_cache: FeatureCache | None = None, echo=print):
+                 feature_cache: FeatureCache | None = None, preload_budget: int = loaders.PRELOAD_BUDGET,
+                 echo=print):
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.store = ResultStore(Path(results_root))
@@ -85,6 +86,7 @@ class Runner:
         self.overrides = overrides or {}
         self.workers = loaders.default_workers(backbone.device) if workers is None else workers
         self.feature_cache = feature_cache  # None: computed afresh for every evaluation
+        self.preload_budget = preload_budget
         self.echo = echo
         self._splits: dict[str, DatasetSplits] = {}
         self._env = environment()
@@ -209,7 +211,7 @@ class Runner:
                 n_views = int(pm.hook.train_views() or 0)
                 loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
                                               workers=self.workers, pin_memory=b.device.type == "cuda",
-                                              n_views=n_views)
+                                              n_views=n_views, preload_budget=self.preload_budget)
                 stats = train(pm, job.method, module, loader, recipe, b, entry.cls.frozen_image_encoder, n_views,
                               progress=f"{prefix} train")
                 train_seconds, train_images = stats.seconds, stats.images
