@@ -45,6 +45,33 @@ def _check_outputs(method: str, outputs: Any) -> None:
                             f"got shape {tuple(outputs['loss'].shape)}")
 
 
+def train_step(pm: pluggy.PluginManager, method: str, module: nn.Module, optimizer: torch.optim.Optimizer, backbone,
+               images: torch.Tensor, labels: torch.Tensor, views: list[torch.Tensor], frozen_image_encoder: bool,
+               epoch: int) -> dict[str, torch.Tensor]:
+    """One optimisation step exactly as the loop runs it (also what `benchsuite bench` times)."""
+    device = backbone.device
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    views = [v.to(device, non_blocking=True) for v in views]
+    with backbone.autocast():
+        features = None
+        if frozen_image_encoder:
+            with torch.no_grad():
+                features = backbone.encode_image(images)
+        outputs = pm.hook.train_step(batch=TrainBatch(images, labels, features, views), epoch=epoch)
+    _check_outputs(method, outputs)  # cheap Python checks, no device sync
+    optimizer.zero_grad(set_to_none=True)
+    pm.hook.backward(outputs=outputs, model=module)
+    optimizer.step()
+    return outputs
+
+
+def make_optimizer(params: list[torch.nn.Parameter], recipe: dict[str, Any]) -> torch.optim.SGD:
+    """Dassl's SGD: momentum 0.9, weight decay 5e-4, no dampening, no Nesterov (recipe may change them)."""
+    return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
+                           weight_decay=recipe["weight_decay"], dampening=0, nesterov=False)
+
+
 def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, recipe: dict[str, Any], backbone,
           frozen_image_encoder: bool, n_views: int, *, progress: str = "") -> TrainStats:
     epochs = int(recipe["epochs"])
@@ -52,8 +79,7 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
     if not params:
         raise ContractError(f"method {method!r}, hook setup: the recipe trains for {epochs} epochs but the "
                             f"returned module has no parameter with requires_grad")
-    optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
-                                weight_decay=recipe["weight_decay"], dampening=0, nesterov=False)
+    optimizer = make_optimizer(params, recipe)
     device = backbone.device
     n_images = 0
     final = float("nan")
@@ -68,20 +94,8 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
         module.train()
         losses: list[torch.Tensor] = []
         for step, (images, labels, *views) in enumerate(loader):
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            views = [v.to(device, non_blocking=True) for v in views[0]] if n_views else []
-            with backbone.autocast():
-                features = None
-                if frozen_image_encoder:
-                    with torch.no_grad():
-                        features = backbone.encode_image(images)
-                outputs = pm.hook.train_step(batch=TrainBatch(images, labels, features, views), epoch=epoch)
-            if epoch == 0 and step == 0:
-                _check_outputs(method, outputs)
-            optimizer.zero_grad(set_to_none=True)
-            pm.hook.backward(outputs=outputs, model=module)
-            optimizer.step()
+            outputs = train_step(pm, method, module, optimizer, backbone, images, labels,
+                                 views[0] if n_views else [], frozen_image_encoder, epoch)
             losses.append(outputs["loss"].detach().float())
             n_images += images.shape[0]
         epoch_loss = torch.stack(losses).mean()
