@@ -75,6 +75,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import format_report, run_bench
+    from .clip.backbone import default_precision, load_backbone, resolve_device
+
+    device = resolve_device(args.device)
+    backbone = load_backbone(args.backbone, args.pretrained, precision=args.precision or default_precision(device),
+                             device=device, cache_dir=args.model_cache)
+    report = run_bench(backbone, args.method, args.protocol, warmup=args.warmup, iters=args.iters,
+                       eval_images=args.eval_images, workers=args.workers)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from .engine.feature_cache import FeatureCache
 
@@ -153,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-preload", action="store_true",
                    help="decode training images from disk at every step instead of once per job")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="time a method's training step and evaluation against the image-encoder floor")
+    p.add_argument("--method", required=True)
+    p.add_argument("--protocol", default="base2new", help="shapes come from this protocol's recipe (default base2new)")
+    p.add_argument("--backbone", default="ViT-B-16")
+    p.add_argument("--pretrained", default="none", help="'none' (default): the real architecture with random weights")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "amp"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
+    p.add_argument("--eval-images", type=int, default=200)
+    p.add_argument("--workers", type=int, help="data loader processes for the pipeline measurement")
+    p.add_argument("--model-cache")
+    p.add_argument("--json", help="also write the measurements to this JSON file")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("cache", help="list or clear the test-set feature cache")
     p.add_argument("action", choices=["ls", "clear"])

@@ -1,0 +1,218 @@
+"""`benchsuite bench`: time a method's training step and evaluation against the image-encoder floor.
+
+Everything is measured in one process on synthetic inputs with the protocol's shapes: the method's
+batch size for the protocol, a real dataset's class names (base half for base2new), images at the
+backbone's resolution. The **floor** is the pure forward of the frozen image encoder on the same
+images: for a method that trains through a frozen, unprompted image encoder, nothing can be
+cheaper, so every other number is reported as a ratio to it. Warm-up iterations are excluded and
+the median of the timed iterations is reported. The training step timed is the harness's own
+`engine.train.train_step`, run once with the fast paths and once with them switched off.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .clip.backbone import Backbone
+from .data import loaders
+from .data.datum import Datum
+from .data.transforms import train_transform
+from .engine.recipe import resolve_recipe
+from .engine.runner import _peak_memory
+from .engine.train import make_optimizer, train_step
+from .hookspecs import EvalBatch, SetupContext
+from .methods import get_method, job_manager
+from .protocols import load_protocol
+
+#: Caltech101 class names in CoOp's label order (the default benchmark shapes: 50 base classes).
+CALTECH101 = (
+    "face leopard motorbike accordion airplane anchor ant barrel bass beaver binocular bonsai brain "
+    "brontosaurus buddha butterfly camera cannon car_side ceiling_fan cellphone chair chandelier "
+    "cougar_body cougar_face crab crayfish crocodile crocodile_head cup dalmatian dollar_bill dolphin "
+    "dragonfly electric_guitar elephant emu euphonium ewer ferry flamingo flamingo_head garfield gerenuk "
+    "gramophone grand_piano hawksbill headphone hedgehog helicopter ibis inline_skate joshua_tree kangaroo "
+    "ketch lamp laptop llama lobster lotus mandolin mayfly menorah metronome minaret nautilus octopus okapi "
+    "pagoda panda pigeon pizza platypus pyramid revolver rhino rooster saxophone schooner scissors scorpion "
+    "sea_horse snoopy soccer_ball stapler starfish stegosaurus stop_sign strawberry sunflower tick trilobite "
+    "umbrella watch water_lilly wheelchair wild_cat windsor_chair wrench yin_yang"
+).split()
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of `iters` calls after `warmup` untimed ones (CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _synthetic_jpegs(folder: Path, n: int, seed: int) -> list[Datum]:
+    """Photo-sized JPEGs (500x375, like the real datasets) for the data-pipeline measurement."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        arr = torch.randint(0, 256, (375, 500, 3), generator=gen, dtype=torch.uint8).numpy()
+        path = folder / f"{i}.jpg"
+        Image.fromarray(arr).save(path, quality=90)
+        items.append(Datum(str(path), i % 10, f"class{i % 10}"))
+    return items
+
+
+def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *, dataset: str = "caltech101",
+              warmup: int = 2, iters: int = 5, eval_images: int = 200, workers: int | None = None,
+              seed: int = 0) -> dict[str, Any]:
+    """Measure floor, training step (fast and straightforward), evaluation and data pipeline."""
+    protocol = load_protocol(protocol_id)
+    entry = get_method(method)
+    pm, _ = job_manager(entry)
+    shots = max(protocol.shots)
+    recipe, _ = resolve_recipe(method, pm.hook.recipe(protocol=protocol, dataset=dataset, shots=shots),
+                               protocol.profile, {})
+    classnames = CALTECH101[: math.ceil(len(CALTECH101) / 2)] if protocol.task == "base2new" else CALTECH101
+    device = backbone.device
+    torch.manual_seed(seed)
+    ctx = SetupContext(backbone=backbone, classnames=classnames, dataset=dataset, template="a photo of a {}.",
+                       recipe=recipe, protocol=protocol, shots=shots, seed=seed, device=device)
+    module = pm.hook.setup(ctx=ctx).to(device)
+    batch = int(recipe["batch_size"])
+    size = backbone.image_spec.size
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, len(classnames), (batch,), device=device)
+    frozen = entry.cls.frozen_image_encoder
+    n_views = int(pm.hook.train_views() or 0)
+    views = [torch.randn_like(images) for _ in range(n_views)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def floor() -> None:
+        with torch.no_grad(), backbone.autocast():
+            backbone.encode_image(images)
+
+    out: dict[str, Any] = {"method": method, "protocol": protocol_id, "backbone": backbone.model_name,
+                           "pretrained": backbone.pretrained, "precision": backbone.precision, "device": str(device),
+                           "batch_size": batch, "n_classes": len(classnames), "threads": torch.get_num_threads()}
+    floor_s = _timed(floor, device, warmup, iters)
+    out["floor_ms_per_image"] = 1000 * floor_s / batch
+    params = [p for p in module.parameters() if p.requires_grad]
+    if recipe["epochs"] > 0 and params:
+        optimizer = make_optimizer(params, recipe)
+        step = lambda: train_step(pm, method, module, optimizer, backbone, images, labels, views, frozen, 0)
+        truncate = backbone.truncate_text
+        try:
+            backbone.truncate_text = True
+            out["train_ms_per_image"] = 1000 * _timed(step, device, warmup, iters) / batch
+            backbone.truncate_text = False
+            out["train_straightforward_ms_per_image"] = 1000 * _timed(step, device, warmup, iters) / batch
+        finally:
+            backbone.truncate_text = truncate
+        out["train_ratio_to_floor"] = out["train_ms_per_image"] / out["floor_ms_per_image"]
+        out["train_straightforward_ratio_to_floor"] = out["train_straightforward_ms_per_image"] / out["floor_ms_per_image"]
+    out.update(_bench_eval(backbone, pm, module, classnames, frozen, eval_images, warmup, iters, seed))
+    out["eval_ratio_to_floor"] = out["eval_images_per_second"] / out["eval_floor_images_per_second"]
+    out.update(_bench_data(backbone, batch, workers, seed))
+    step_rate = batch / (out.get("train_ms_per_image", out["floor_ms_per_image"]) * batch / 1000)
+    out["data_ratio_to_step"] = out["data_images_per_second"] / step_rate
+    out["peak_memory_bytes"], out["peak_memory_kind"] = _peak_memory(device)
+    return out
+
+
+@torch.no_grad()
+def _bench_eval(backbone: Backbone, pm, module, classnames, frozen: bool, n: int, warmup: int, iters: int,
+                seed: int) -> dict[str, Any]:
+    """Evaluation images/s in test batches of 100: the floor (encoder only), a first method (image
+    features computed), and a second method on the same backbone and test set (features reused)."""
+    device = backbone.device
+    gen = torch.Generator().manual_seed(seed)
+    size = backbone.image_spec.size
+    test = torch.randn(n, 3, size, size, generator=gen)
+    labels = torch.randint(0, len(classnames), (n,), generator=gen).to(device)
+    module.eval()
+    with backbone.autocast():
+        pm.hook.prepare_eval(classnames=list(classnames), dataset="bench", template="a photo of a {}.")
+    chunks = range(0, n, 100)
+    cached: list[torch.Tensor] = []
+
+    def first() -> None:
+        cached.clear()
+        for s in chunks:
+            x = test[s:s + 100].to(device)
+            with backbone.autocast():
+                if frozen:
+                    feats = backbone.encode_image(x)
+                    cached.append(feats)
+                    pm.hook.predict(batch=EvalBatch(labels=labels[s:s + 100], image_features=feats))
+                else:
+                    pm.hook.predict(batch=EvalBatch(labels=labels[s:s + 100], images=x))
+
+    def second() -> None:
+        for i, s in enumerate(chunks):
+            with backbone.autocast():
+                pm.hook.predict(batch=EvalBatch(labels=labels[s:s + 100], image_features=cached[i]))
+
+    def floor() -> None:
+        for s in chunks:
+            with backbone.autocast():
+                backbone.encode_image(test[s:s + 100].to(device))
+
+    out = {"eval_images": n, "eval_floor_images_per_second": n / _timed(floor, device, 1, max(1, iters // 2)),
+           "eval_images_per_second": n / _timed(first, device, 1, max(1, iters // 2))}
+    if frozen:
+        out["eval_cached_images_per_second"] = n / _timed(second, device, 1, iters)
+    return out
+
+
+def _bench_data(backbone: Backbone, batch: int, workers: int | None, seed: int) -> dict[str, Any]:
+    """Augmented batches per second from decoded-once photo-sized JPEGs (the harness's train loader)."""
+    workers = loaders.default_workers(backbone.device) if workers is None else workers
+    with tempfile.TemporaryDirectory() as tmp:
+        items = _synthetic_jpegs(Path(tmp), 4 * batch, seed)
+        loader = loaders.train_loader(items, train_transform(backbone.image_spec), batch, workers=workers,
+                                      pin_memory=backbone.device.type == "cuda")
+        next(iter(loader))  # warm-up (and worker start)
+        start = time.perf_counter()
+        count = 0
+        for _ in range(2):
+            for images, _labels in loader:
+                count += images.shape[0]
+        seconds = time.perf_counter() - start
+    return {"data_images_per_second": count / seconds, "data_workers": workers}
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The human-readable table printed by `benchsuite bench`."""
+    from tabulate import tabulate
+
+    floor = r["floor_ms_per_image"]
+    rows = [("image-encoder floor (forward)", f"{floor:.2f} ms/img", "1.00x")]
+    if "train_ms_per_image" in r:
+        rows.append(("train step, fast path", f"{r['train_ms_per_image']:.2f} ms/img", f"{r['train_ratio_to_floor']:.2f}x"))
+        rows.append(("train step, straightforward", f"{r['train_straightforward_ms_per_image']:.2f} ms/img",
+                     f"{r['train_straightforward_ratio_to_floor']:.2f}x"))
+    rows.append(("eval floor (encoder only)", f"{r['eval_floor_images_per_second']:.1f} img/s", "1.00x"))
+    rows.append(("eval, first method", f"{r['eval_images_per_second']:.1f} img/s", f"{r['eval_ratio_to_floor']:.2f}x"))
+    if "eval_cached_images_per_second" in r:
+        rows.append(("eval, second method (cached features)", f"{r['eval_cached_images_per_second']:.1f} img/s",
+                     f"{r['eval_cached_images_per_second'] / r['eval_floor_images_per_second']:.1f}x"))
+    rows.append((f"data pipeline ({r['data_workers']} workers)", f"{r['data_images_per_second']:.1f} img/s",
+                 f"{r['data_ratio_to_step']:.1f}x the step's consumption"))
+    rows.append(("peak memory", f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})", ""))
+    head = (f"{r['method']} on {r['backbone']}/{r['pretrained']} ({r['precision']}, {r['device']}, "
+            f"{r['threads']} threads), protocol {r['protocol']}: batch {r['batch_size']}, {r['n_classes']} classes")
+    return head + "\n" + tabulate(rows, headers=["measurement", "value", "vs floor"])
