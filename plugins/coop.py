@@ -84,6 +84,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:], persistent=False)
         self.eot = tokens.argmax(dim=-1)  # host tensor: sets the truncation length without a sync
+        self.register_buffer("eot_index", self.eot.to(embedding.device), persistent=False)
         self.name_lens = [len(backbone.tokenizer.encode(name)) for name in names]
 
     def forward(self) -> torch.Tensor:
@@ -135,7 +136,7 @@ class CoOp(Method):
         return self.learner
 
     def class_text_features(self) -> torch.Tensor:
-        features = self.backbone.encode_embeddings(self.learner(), self.learner.eot)
+        features = self.backbone.encode_embeddings(self.learner(), self.learner.eot, eot_device=self.learner.eot_index)
         return F.normalize(features.float(), dim=-1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def _coop(backbone, seed: int = 0):
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
     """Relative error of the whole tensor, ||a - b|| / ||b|| (elementwise ratios blow up near zero)."""
-    return float((a - b).norm()) <= rel * float(b.norm())
+    return float((a - b).detach().norm()) <= rel * float(b.detach().norm())
 
 
 @pytest.fixture

@@ -145,10 +145,12 @@ class Backbone:
         with torch.no_grad():
             return self.model.token_embedding(tokens.to(self.device))
 
-    def encode_embeddings(self, embeddings: torch.Tensor, eot: torch.Tensor, *, deep_prompts=None) -> torch.Tensor:
-        """Prompted text encoder (differentiable w.r.t. `embeddings` and `deep_prompts`)."""
+    def encode_embeddings(self, embeddings: torch.Tensor, eot: torch.Tensor, *, deep_prompts=None,
+                          eot_device: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompted text encoder (differentiable w.r.t. `embeddings` and `deep_prompts`); see
+        `encoders.encode_text_embeddings` for `eot` (host) and `eot_device`."""
         return encode_text_embeddings(self.model, embeddings.to(self.dtype), eot, deep_prompts=deep_prompts,
-                                      truncate=self.truncate_text)
+                                      truncate=self.truncate_text, eot_device=eot_device)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -42,11 +42,14 @@ def encode_text_embeddings(
     *,
     deep_prompts: DeepPrompts = None,
     truncate: bool = True,
+    eot_device: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Text features of [N, L, D] prompt embeddings pooled at `eot` (a CPU LongTensor [N]).
 
     `eot` lives on the host on purpose: its maximum sets the cut length without a device sync.
-    `deep_prompts[i]` ([n, D] or [N, n, D]) replaces positions 1..n before block i (i >= 1).
+    Pass the same indices already on the device as `eot_device` to avoid a blocking host-to-device
+    copy inside a CUDA training step. `deep_prompts[i]` ([n, D] or [N, n, D]) replaces positions
+    1..n before block i (i >= 1).
     """
     eot = eot.cpu()
     length = int(eot.max()) + 1 if truncate else embeddings.shape[1]
@@ -65,7 +68,8 @@ def encode_text_embeddings(
 
         x = _run_blocks(model.transformer, x, mask, replace)
     x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device)]
+    index = eot_device if eot_device is not None else eot.to(x.device)
+    x = x[torch.arange(x.shape[0], device=x.device), index]
     proj = model.text_projection
     if proj is None:
         return x
