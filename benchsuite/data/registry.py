@@ -92,3 +92,8 @@ _BUILTIN = [
 for _name, _folder, _title, _template, _reader, _test_only in _BUILTIN:
     register_dataset(DatasetSpec(name=_name, folder=_folder, title=_title, template=_template,
                                  layout=readers.LAYOUTS[_name], reader=_reader, test_only=_test_only))
+
+# The procedurally generated toy world registers through the same interface (benchsuite.toy).
+from ..toy.datasets import register_toy_datasets  # noqa: E402  (after the built-ins, by design)
+
+register_toy_datasets()
