@@ -39,32 +39,55 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .clip.backbone import default_precision, load_backbone, resolve_device
-    from .engine.jobs import expand_grid
-    from .engine.recipe import parse_overrides
-    from .data.loaders import PRELOAD_BUDGET
-    from .engine.feature_cache import FeatureCache
-    from .engine.runner import Runner
-    from .methods import discover
+def _resolve_world(args: argparse.Namespace):
+    """Protocol, data root, backbone name and weights for a run.
+
+    With neither --data-root nor --backbone, a real protocol runs its toy counterpart on the shipped
+    small CLIP (the embedded default); toy protocols default to the toy world and the small CLIP.
+    """
     from .protocols import load_protocol
 
-    protocol = load_protocol(args.protocol)
-    methods = sorted(discover()) if not args.method or args.method == ["all"] else args.method
-    jobs = expand_grid(protocol, methods, args.dataset, args.seeds, args.shots)
+    protocol_id = args.protocol
+    if not protocol_id.startswith("toy_") and args.data_root is None and args.backbone is None:
+        protocol_id = f"toy_{protocol_id}"
+        print(f"benchsuite: no --data-root and no --backbone: running {protocol_id}, the toy-world counterpart of "
+              f"{args.protocol}, on the shipped small CLIP (pass --data-root and --backbone for the real benchmark)")
+    protocol = load_protocol(protocol_id)
+    if "backbone" in protocol.spec:  # a toy protocol: the toy world and its small CLIP by default
+        from .toy.datasets import default_root, materialize
+
+        data_root = Path(args.data_root) if args.data_root else materialize(default_root())
+        return protocol, data_root, args.backbone or protocol.spec["backbone"]["model"], \
+            args.pretrained or protocol.spec["backbone"]["pretrained"]
     if args.data_root is None:
         raise BenchsuiteError(f"protocol {protocol.id!r} needs real datasets: pass --data-root DIR "
-                              f"(the CoOp layout; `benchsuite list datasets` shows the folders)")
+                              f"(the CoOp layout; `benchsuite list datasets` shows the folders), or drop "
+                              f"--backbone to run its toy-world counterpart")
+    return protocol, Path(args.data_root), args.backbone or "ViT-B-16", args.pretrained or "openai"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .clip.backbone import default_precision, load_backbone, resolve_device
+    from .data.loaders import PRELOAD_BUDGET
+    from .engine.feature_cache import FeatureCache
+    from .engine.jobs import expand_grid
+    from .engine.recipe import parse_overrides
+    from .engine.runner import Runner
+    from .leaderboard import build_leaderboard, load_results
+    from .methods import discover
+
+    protocol, data_root, model, pretrained = _resolve_world(args)
+    methods = sorted(discover()) if not args.method or args.method == ["all"] else args.method
+    jobs = expand_grid(protocol, methods, args.dataset, args.seeds, args.shots)
     device = resolve_device(args.device)
     precision = args.precision or default_precision(device)
-    print(f"benchsuite: {len(jobs)} job(s) of {protocol.id} v{protocol.version} on {args.backbone}/{args.pretrained} "
-          f"({precision}, {device})", flush=True)
-    backbone = load_backbone(args.backbone, args.pretrained, precision=precision, device=device,
-                             cache_dir=args.model_cache)
+    print(f"benchsuite: {len(jobs)} job(s) of {protocol.id} v{protocol.version} on {model}/{pretrained} "
+          f"({precision}, {device}); data {data_root}", flush=True)
+    backbone = load_backbone(model, pretrained, precision=precision, device=device, cache_dir=args.model_cache)
     backbone.truncate_text = not args.no_text_truncation
     results = Path(args.results)
     cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
-    runner = Runner(backbone, Path(args.data_root), results, manifests_root=results / "_manifests",
+    runner = Runner(backbone, data_root, results, manifests_root=results / "_manifests",
                     overrides=parse_overrides(args.set or []), workers=args.workers, feature_cache=cache,
                     preload_budget=0 if args.no_preload else PRELOAD_BUDGET)
     summary = runner.run(jobs)
@@ -72,6 +95,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{len(summary.failed)} failed; results in {results}")
     for line in summary.failed:
         print(f"  failed: {line}", file=sys.stderr)
+    if not args.quiet:
+        found, _ = load_results(results, [protocol.id])
+        board = build_leaderboard(found, root=results)
+        print("\n" + board[board.index("## "):board.index("## Refused results")].rstrip())
     return 1 if summary.failed else 0
 
 
@@ -93,6 +120,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toy_pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from .toy.pretrain import HERE, PretrainSettings, pretrain
+
+    settings = PretrainSettings(seed=args.seed, pairs=args.pairs, steps=args.steps, batch_size=args.batch_size)
+    card = pretrain(settings, Path(args.out) if args.out else HERE)
+    print(json.dumps(card["zero_shot"], indent=2))
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from .engine.feature_cache import FeatureCache
 
@@ -110,13 +148,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from .leaderboard import write_leaderboard
 
-    fresh = write_leaderboard(Path(args.results), Path(args.out), check=args.check)
+    problems = write_leaderboard(Path(args.results), Path(args.out), check=args.check, tolerance=args.tolerance)
     if args.check:
-        if not fresh:
+        if problems:
+            for problem in problems[:20]:
+                print(f"  {problem}", file=sys.stderr)
             print(f"{args.out} is stale: run `benchsuite leaderboard --results {args.results} --out {args.out}`",
                   file=sys.stderr)
             return 1
-        print(f"{args.out} is up to date")
+        print(f"{args.out} is up to date" + (f" (within {args.tolerance} points)" if args.tolerance else ""))
         return 0
     print(f"wrote {args.out}")
     return 0
@@ -153,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, help="subset of the protocol's seeds (default: all)")
     p.add_argument("--shots", nargs="+", type=int, help="subset of the protocol's shot counts (default: all)")
     p.add_argument("--data-root", help="folder holding the datasets in the CoOp layout")
-    p.add_argument("--backbone", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip pretrained tag, a local checkpoint file (state dict or OpenAI JIT), or 'none'")
+    p.add_argument("--backbone", help="open_clip model name (default ViT-B-16; toy protocols: bs-toy-clip)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag (default openai), a local checkpoint file "
+                                        "(state dict or OpenAI JIT archive), or 'none' for random weights")
+    p.add_argument("--quiet", action="store_true", help="do not print the protocol's leaderboard at the end")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "amp"],
                    help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
@@ -187,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=_cmd_bench)
 
+    from .toy.pretrain import PretrainSettings
+
+    d = PretrainSettings()
+    p = sub.add_parser("toy-pretrain", help="pretrain the small CLIP shipped with benchsuite on the toy world")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--pairs", type=int, default=d.pairs, help="captioned images rendered for pretraining")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--out", help="output folder (default: the package's benchsuite/toy, replacing the shipped model)")
+    p.set_defaults(func=_cmd_toy_pretrain)
+
     p = sub.add_parser("cache", help="list or clear the test-set feature cache")
     p.add_argument("action", choices=["ls", "clear"])
     p.add_argument("--feature-cache", help="cache folder (default $BENCHSUITE_CACHE/features)")
@@ -196,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=str(DEFAULT_RESULTS))
     p.add_argument("--out", default=str(DEFAULT_LEADERBOARD))
     p.add_argument("--check", action="store_true", help="exit 1 if --out is stale (for CI); writes nothing")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="with --check: accept accuracies within this many points (regenerated toy runs)")
     p.set_defaults(func=_cmd_leaderboard)
 
     p = sub.add_parser("validate", help="check result files against the JSON Schema and their protocol")

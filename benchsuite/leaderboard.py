@@ -11,6 +11,7 @@ leaderboard is stale.
 from __future__ import annotations
 
 import json
+import re
 
 import statistics
 from collections import defaultdict
@@ -344,22 +345,58 @@ def build_leaderboard(results: Iterable[tuple[Path, dict[str, Any]]], root: Path
     return "\n".join(parts)
 
 
-def write_leaderboard(results_root: Path, out: Path, check: bool = False) -> bool:
-    """Regenerate `out` from the results under `results_root`.
+_NUMBER = re.compile(r"-?\d+\.\d+")
 
-    With `check`, nothing is written and the return value says whether `out` is up to date (the
-    CI gate); otherwise `out` is (atomically) rewritten if needed and True is returned.
-    """
+
+def numeric_differences(expected: str, actual: str, tolerance: float) -> list[str]:
+    """Where two leaderboards differ: any text outside the decimal numbers, or a number off by more
+    than `tolerance` (accuracy points). Used to compare a regenerated toy leaderboard with the
+    committed one when runs on another machine may differ in the last digits."""
+    skeleton = lambda text: _NUMBER.sub("#", text)
+    if skeleton(expected) != skeleton(actual):
+        old, new = skeleton(expected).splitlines(), skeleton(actual).splitlines()
+        line = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        return [f"the tables differ beyond their numbers, first at line {line + 1}"]
+    out = []
+    for line_no, (a_line, b_line) in enumerate(zip(expected.splitlines(), actual.splitlines()), 1):
+        for a, b in zip(_NUMBER.findall(a_line), _NUMBER.findall(b_line)):
+            if abs(float(a) - float(b)) > tolerance:
+                out.append(f"line {line_no}: {a} committed, {b} regenerated (tolerance {tolerance})")
+    return out
+
+
+def load_results(results_root: Path, protocols: Iterable[str] | None = None):
+    """Every result under `results_root` (optionally only these protocol ids) and the unreadable files."""
     unreadable: list[tuple[Path, str]] = []
     results = list(ResultStore(results_root).iter_results(on_error=lambda p, why: unreadable.append((p, why))))
+    if protocols is not None:
+        wanted = set(protocols)
+        results = [(p, r) for p, r in results if r.get("job", {}).get("protocol", {}).get("id") in wanted]
+    return results, unreadable
+
+
+def write_leaderboard(results_root: Path, out: Path, check: bool = False, tolerance: float = 0.0) -> list[str]:
+    """Regenerate `out` from the results under `results_root`; return the problems found.
+
+    With `check`, nothing is written: the return value lists why `out` is stale (empty when it is up
+    to date, byte for byte, or within `tolerance` accuracy points when a tolerance is given). Without
+    `check`, `out` is (atomically) rewritten if needed and an empty list is returned.
+    """
+    results, unreadable = load_results(results_root)
     text = build_leaderboard(results, root=results_root, unreadable=unreadable)
     out = Path(out)
-    current = out.read_bytes() if out.is_file() else None
+    current = out.read_text(encoding="utf-8") if out.is_file() else None
     if check:
-        return current == text.encode("utf-8")
-    if current != text.encode("utf-8"):
+        if current is None:
+            return [f"{out} does not exist"]
+        if current == text:
+            return []
+        if tolerance > 0:
+            return numeric_differences(current, text, tolerance)
+        return [f"{out} differs from the leaderboard regenerated from {results_root}"]
+    if current != text:
         atomic_write_text(out, text)
-    return True
+    return []
 
 
-__all__ = ["build_leaderboard", "select", "write_leaderboard"]
+__all__ = ["build_leaderboard", "load_results", "numeric_differences", "select", "write_leaderboard"]

@@ -70,11 +70,13 @@ class PromptLearner(nn.Module):
             self.csc = csc
         self.n_ctx = n_ctx
         self.ctx = nn.Parameter(vectors)
-        self.n_trained_classes = n_cls
+        self.trained_classnames: list[str] | None = None  # set by the first set_classnames (training)
 
     def set_classnames(self, classnames: list[str]) -> None:
         """(Re)build prefix/suffix embeddings, EOT positions and class-name lengths for a class set."""
-        if self.csc and len(classnames) != self.n_trained_classes:
+        if self.trained_classnames is None:
+            self.trained_classnames = list(classnames)
+        if self.csc and list(classnames) != self.trained_classnames:
             raise BenchsuiteError("coop: class-specific context (csc=true) has one context per training class and "
                                   "cannot classify a different class set; use csc=false for base2new and transfer")
         backbone = self.backbone[0]
@@ -123,7 +125,8 @@ class CoOp(Method):
         if protocol.task == "few_shot":
             epochs = 50 if dataset == "imagenet" else FEW_SHOT_EPOCHS.get(shots, 200)
             return {**common, "epochs": epochs, "n_ctx": 16, "ctx_init": ""}
-        epochs = 50 if dataset == "imagenet" else 200
+        # transfer protocols train on their source (ImageNet) with vit_b16_ep50_ctxv1
+        epochs = 50 if dataset == "imagenet" or protocol.task == "transfer" else 200
         return {**common, "epochs": epochs, "n_ctx": 4, "ctx_init": "a photo of a"}
 
     @hookimpl

@@ -154,7 +154,7 @@ def test_refused_results_are_listed_with_reasons(tmp_path: Path) -> None:
     _write_all(store, test_data + train_data + bad_hash)
     (root / "base2new" / "junk.json").write_text("{ nope", encoding="utf-8")
     out = tmp_path / "README.md"
-    assert write_leaderboard(root, out)
+    assert write_leaderboard(root, out) == []
     md = out.read_text(encoding="utf-8")
     assert set(table(section(md, heading(B2N)))) == {"coop", "kgcoop"}
     refused = table(section(md, "## Refused results"))
@@ -219,19 +219,34 @@ def test_output_is_deterministic_and_marked_generated() -> None:
 def test_check_detects_stale_or_edited_leaderboards(tmp_path: Path) -> None:
     root, store, out = tmp_path / "results", ResultStore(tmp_path / "results"), tmp_path / "board" / "README.md"
     _write_all(store, b2n_rows("coop", {"dtd": ([80.0, 82.0], [60.0, 62.0])}))
-    assert write_leaderboard(root, out, check=True) is False  # not written yet
+    assert write_leaderboard(root, out, check=True) == [f"{out} does not exist"]  # not written yet
     assert not out.exists()
-    assert write_leaderboard(root, out) is True
-    assert write_leaderboard(root, out, check=True) is True
+    assert write_leaderboard(root, out) == []
+    assert write_leaderboard(root, out, check=True) == []
     edited = out.read_text(encoding="utf-8").replace("81.00", "99.00")
     assert edited != out.read_text(encoding="utf-8")
     out.write_text(edited, encoding="utf-8")
-    assert write_leaderboard(root, out, check=True) is False
+    assert write_leaderboard(root, out, check=True)
     assert out.read_text(encoding="utf-8") == edited  # check never writes
     write_leaderboard(root, out)
-    assert write_leaderboard(root, out, check=True) is True
+    assert write_leaderboard(root, out, check=True) == []
     store.write(make_result("base2new", "coop", "dtd", 3, metrics={"base": 84.0, "new": 64.0}))
-    assert write_leaderboard(root, out, check=True) is False  # a new result makes it stale
+    assert write_leaderboard(root, out, check=True)  # a new result makes it stale
+
+
+def test_check_with_tolerance_accepts_small_numeric_drift_only(tmp_path: Path) -> None:
+    root, store, out = tmp_path / "results", ResultStore(tmp_path / "results"), tmp_path / "README.md"
+    _write_all(store, b2n_rows("coop", {"dtd": ([80.0, 82.0], [60.0, 62.0])}))
+    write_leaderboard(root, out)
+    committed = out.read_text(encoding="utf-8")
+    out.write_text(committed.replace("81.00", "81.30"), encoding="utf-8")
+    assert write_leaderboard(root, out, check=True)  # exact check: stale
+    assert write_leaderboard(root, out, check=True, tolerance=0.5) == []
+    out.write_text(committed.replace("81.00", "82.00"), encoding="utf-8")
+    problems = write_leaderboard(root, out, check=True, tolerance=0.5)
+    assert len(problems) >= 1 and "82.00 committed, 81.00 regenerated" in problems[0]
+    out.write_text(committed.replace("coop", "cocoop"), encoding="utf-8")  # structure differs, not numbers
+    assert "beyond their numbers" in write_leaderboard(root, out, check=True, tolerance=0.5)[0]
 
 
 @pytest.mark.parametrize("bad", ["[]", ""])

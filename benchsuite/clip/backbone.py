@@ -169,8 +169,13 @@ def load_backbone(model_name: str, pretrained: str, *, precision: str = "fp32", 
     """Build, freeze and place the backbone; hash its weights before any precision cast."""
     import open_clip
 
+    from ..toy.pretrain import HERE as SHIPPED, register_config
+
     if precision not in PRECISIONS:
         raise BackboneError(f"precision {precision!r} is not one of {PRECISIONS}")
+    register_config()  # the shipped small CLIP is an open_clip model name like any other
+    if not Path(pretrained).expanduser().exists() and (SHIPPED / pretrained).is_file():
+        pretrained = str(SHIPPED / pretrained)  # a checkpoint shipped in the package, loaded as a local file
     device = torch.device(device)
     model, source = _create(model_name, pretrained, cache_dir)
     if not hasattr(model, "token_embedding"):

@@ -48,7 +48,7 @@ def apply_profile(recipe: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
     out = dict(recipe)
     if "epochs_scale" in profile and out["epochs"] > 0:
         out["epochs"] = max(int(profile.get("min_epochs", 1)), math.ceil(out["epochs"] * profile["epochs_scale"]))
-    if "max_batch_size" in profile:
+    if "max_batch_size" in profile and out["epochs"] > 0:
         out["batch_size"] = min(out["batch_size"], int(profile["max_batch_size"]))
     return out
 
