@@ -196,3 +196,18 @@ def test_cache_cli_lists_and_clears(tmp_path):
     assert "bs-tiny-test" in run("ls") and "1 entries" in run("ls")
     assert "removed 1" in run("clear")
     assert "0 entries" in run("ls")
+
+
+def test_replacing_a_test_image_changes_the_feature_cache_key(tmp_path):
+    import os
+
+    from benchsuite.engine.feature_cache import files_signature
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"one")
+    items = [Datum(str(image), 0, "a")]
+    before = files_signature(items)
+    assert files_signature(items) == before
+    image.write_bytes(b"other pixels")
+    os.utime(image, ns=(1, 1))
+    assert files_signature(items) != before

@@ -1,6 +1,7 @@
 """Test-set image features of the frozen, unprompted image encoder, computed once and reused.
 
-Key: (model, weights sha256, test-data fingerprint, transform, precision). Every method whose
+Key: (model, weights sha256, test-data fingerprint plus the files' paths, sizes and modification
+times, transform, precision). Every method whose
 `frozen_image_encoder` is True and every seed evaluating the same test set on the same backbone
 reads the same entry. Entries are plain `.npy` arrays (loaded with `allow_pickle=False`) plus a JSON
 description, written atomically under a per-key file lock; the cache is capped in size (oldest
@@ -34,6 +35,16 @@ class CacheEntry:
     path: Path
     bytes: int
     meta: dict
+
+
+def files_signature(items) -> str:
+    """sha256 of every image's absolute path, size and modification time: replacing the pixels of a
+    test image (same path and label, so the same data fingerprint) must not reuse old features."""
+    digest = hashlib.sha256()
+    for item in items:
+        st = os.stat(item.impath)
+        digest.update(f"{os.path.abspath(item.impath)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def feature_key(model: str, weights_sha256: str, fingerprint: str, transform: str, precision: str) -> str:

@@ -31,7 +31,7 @@ from ..hookspecs import SetupContext
 from ..methods import MethodEntry, get_method, implements, job_manager
 from ..results.store import ResultStore
 from .evaluate import compute_features, evaluate, feature_batches, image_batches
-from .feature_cache import FeatureCache, feature_key
+from .feature_cache import FeatureCache, feature_key, files_signature
 from .jobs import Job, job_id
 from .recipe import Overrides, config_hash, resolve_recipe
 from .seeding import seed_everything
@@ -206,6 +206,7 @@ class Runner:
             shared = self._load_shared(share_key, module)
             if shared is not None:
                 train_seconds, train_images, shared_from = shared
+                shared_from = None if shared_from == jid else shared_from  # its own training, saved before a crash
                 self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
             else:
                 n_views = int(pm.hook.train_views() or 0)
@@ -268,7 +269,8 @@ class Runner:
         compute = lambda: compute_features(b, loader, progress=progress)
         if self.feature_cache is None:
             return compute, "off"
-        key = feature_key(b.model_name, b.weights_sha256, fp, transform, b.precision)
+        key = feature_key(b.model_name, b.weights_sha256, fp + files_signature(loader.dataset.items), transform,
+                          b.precision)
         if self.feature_cache.has(key):
             cached = lambda: self.feature_cache.get(key) or compute()  # a damaged entry is recomputed
             return cached, "hit"
