@@ -16,9 +16,13 @@ Behaviour followed
 Default recipe per protocol (by task, so toy protocols inherit it)
 - base2new: ``vit_b16_ctxv1``: M = 4 from "a photo of a", end, generic, batch 32, lr 0.002,
   200 epochs (ImageNet: 50, ``vit_b16_ep50_ctxv1``), 16 shots.
-- cross_dataset / domain_generalization (transfer): ``vit_b16_ep50_ctxv1`` on ImageNet: 50 epochs.
+- cross_dataset / domain_generalization (transfer): ``vit_b16_ep50_ctxv1`` on ImageNet: 50 epochs,
+  M = 4 from "a photo of a", as CoOp is run in the CoCoOp paper's XD/DG tables (CoOp repo,
+  ``scripts/cocoop/xd_train.sh``). CoOp's own robustness study used M = 16 random context
+  (``scripts/coop/eval.sh``): ``--set coop.n_ctx=16 coop.ctx_init=""`` reproduces that setting.
 - few_shot: M = 16 random, end, generic, batch 32, lr 0.002; epochs 50 (1 shot), 100 (2, 4 shots),
-  200 (8, 16 shots); ImageNet 50 for every shot count.
+  200 (8, 16 shots); ImageNet 50 for every shot count. The paper's few-shot figures use RN50
+  (``rn50*`` configs, same hyper-parameters): ``--backbone RN50 --pretrained openai``.
 All: SGD momentum 0.9, weight decay 5e-4, 1 warm-up epoch at 1e-5, epoch-stepped cosine, last epoch.
 
 Deliberate deviations
@@ -57,6 +61,11 @@ class PromptLearner(nn.Module):
         width = backbone.text_width
         if ctx_init:
             ctx_init = ctx_init.replace("_", " ")
+            if n_ctx != len(ctx_init.split(" ")):
+                raise BenchsuiteError(
+                    f"coop: ctx_init {ctx_init!r} has {len(ctx_init.split(' '))} words, which fixes the context "
+                    f"length, but n_ctx is {n_ctx}; set n_ctx={len(ctx_init.split(' '))}, or ctx_init=\"\" for "
+                    f"{n_ctx} randomly initialised context vectors")
             n_ctx = len(ctx_init.split(" "))
             tokens = backbone.tokenize([ctx_init])
             vectors = backbone.embed_tokens(tokens)[0, 1:1 + n_ctx].float().cpu()
@@ -143,8 +152,9 @@ class CoOp(Method):
         return F.normalize(features.float(), dim=-1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        image = F.normalize(image_features.float(), dim=-1)
-        return self.backbone.logit_scale * image @ text_features.t()
+        with self.backbone.fp32():  # cosine logits near 100 lose ties in bf16/fp16
+            image = F.normalize(image_features.float(), dim=-1)
+            return self.backbone.logit_scale * image @ text_features.float().t()
 
     @hookimpl
     def train_step(self, batch: TrainBatch, epoch: int) -> dict[str, torch.Tensor]:

@@ -45,8 +45,9 @@ class ZeroshotCLIP(Method):
 
     @hookimpl
     def predict(self, batch: EvalBatch) -> torch.Tensor:
-        image = F.normalize(batch.image_features.float(), dim=-1)
-        return self.backbone.logit_scale * image @ self.text_features.t()
+        with self.backbone.fp32():  # cosine logits near 100 lose ties in bf16/fp16
+            image = F.normalize(batch.image_features.float(), dim=-1)
+            return self.backbone.logit_scale * image @ self.text_features.t()
 
 
 @hookimpl

@@ -304,3 +304,8 @@ def test_encode_image_block_tokens_without_prompts(tiny_backbone):
     for i in range(n_blocks):
         torch.testing.assert_close(blocks[i], captured[i], atol=1e-5, rtol=0)
     torch.testing.assert_close(tiny_backbone.encode_image(images), reference, atol=1e-6, rtol=0)
+
+
+def test_word_init_with_a_conflicting_context_length_is_refused(tiny_backbone):
+    with pytest.raises(BenchsuiteError, match=r"has 4 words.*n_ctx is 16"):
+        learner_for(tiny_backbone, n_ctx=16, init=INIT)

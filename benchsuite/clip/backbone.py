@@ -136,6 +136,10 @@ class Backbone:
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def fp32(self):
+        """Leave autocast for a small fp32 computation (logits, losses) inside a step."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids on the host ([N, context_length]); EOT is the argmax (highest id)."""
         return self.tokenizer(texts)
@@ -181,6 +185,14 @@ def load_backbone(model_name: str, pretrained: str, *, precision: str = "fp32", 
     if not hasattr(model, "token_embedding"):
         raise BackboneError(f"{model_name} has a custom (e.g. Hugging Face) text tower; prompt learning needs "
                             f"open_clip's built-in text transformer")
+    if getattr(model, "text_pool_type", "argmax") != "argmax" or getattr(model, "attn_mask", None) is None:
+        raise BackboneError(f"{model_name}: prompt learning here needs a causal text transformer pooled at the EOT "
+                            f"token (argmax), as in OpenAI CLIP; this model uses text_pool_type="
+                            f"{getattr(model, 'text_pool_type', None)!r}")
+    tokenizer = open_clip.get_tokenizer(model_name)
+    if not hasattr(tokenizer, "encode"):
+        raise BackboneError(f"{model_name}: its tokenizer ({type(tokenizer).__name__}) is not CLIP's BPE tokenizer, "
+                            f"which prompt layouts are built on")
     model = model.float()
     digest = weights_sha256(model)
     model.eval().requires_grad_(False)
@@ -190,5 +202,5 @@ def load_backbone(model_name: str, pretrained: str, *, precision: str = "fp32", 
     mean = tuple(getattr(model.visual, "image_mean", None) or CLIP_MEAN)
     std = tuple(getattr(model.visual, "image_std", None) or CLIP_STD)
     return Backbone(model=model, model_name=model_name, pretrained=source, weights_sha256=digest,
-                    precision=precision, device=device, tokenizer=open_clip.get_tokenizer(model_name),
+                    precision=precision, device=device, tokenizer=tokenizer,
                     image_spec=ImageSpec(size=size, mean=mean, std=std))

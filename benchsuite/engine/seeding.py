@@ -1,4 +1,11 @@
-"""Seed every RNG the way the CoOp-family toolbox does at program start (methods.md 1.5)."""
+"""Seed every RNG with the calls the CoOp-family toolbox makes at program start (methods.md 1.5).
+
+The calls are the same, not what consumes the numbers afterwards: the toolbox builds a whole CLIP
+(drawing from torch's CPU generator) before it initialises a random context, and shuffles with 8
+loader workers, whereas benchsuite loads the backbone once before seeding and loads data in the
+main process on CPU. Random context initialisations and augmentation streams of seed S therefore
+differ from the original seed S; expected accuracies do not (a recorded, harness-wide deviation).
+"""
 
 from __future__ import annotations
 
