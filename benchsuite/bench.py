@@ -96,7 +96,7 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, len(classnames), (batch,), device=device)
     frozen = entry.cls.frozen_image_encoder
-    n_views = int(pm.hook.train_views() or 0)
+    n_views = len(pm.hook.train_views(image_spec=backbone.image_spec) or [])
     views = [torch.randn_like(images) for _ in range(n_views)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

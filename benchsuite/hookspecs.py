@@ -34,7 +34,7 @@ Capabilities that are not behaviour are class attributes of :class:`Method`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pluggy
 import torch
@@ -42,6 +42,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .clip.backbone import Backbone
+    from .data.transforms import ImageSpec
     from .protocols import Protocol
 
 PROJECT = "benchsuite"
@@ -149,9 +150,14 @@ class MethodSpec:
         """
 
     @hookspec(firstresult=True)
-    def train_views(self) -> int:
-        """Number of extra augmented views per training image (default 0); they arrive in
-        ``TrainBatch.views``, drawn with the protocol's train transform."""
+    def train_views(self, image_spec: "ImageSpec") -> list[Callable]:
+        """Extra views of every training image (default none), e.g. GOPro's MoCo-v3 and AugMix views.
+
+        Return one transform per view, each mapping the decoded PIL RGB image to a tensor of the
+        backbone's input size (``image_spec`` gives size, mean and std); the harness applies them in
+        the loader, next to the protocol's train transform, and passes the results, batched, in
+        ``TrainBatch.views`` in the same order.
+        """
 
     @hookspec(firstresult=True)
     def train_step(self, batch: TrainBatch, epoch: int) -> dict[str, torch.Tensor]:
@@ -195,8 +201,8 @@ class HarnessDefaults:
     """The harness's own implementations, registered ``trylast`` so a method's answer wins."""
 
     @hookimpl(trylast=True)
-    def train_views(self) -> int:
-        return 0
+    def train_views(self, image_spec: "ImageSpec") -> list[Callable]:
+        return []
 
     @hookimpl(trylast=True)
     def backward(self, outputs: dict[str, torch.Tensor], model: nn.Module) -> bool:

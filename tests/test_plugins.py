@@ -195,7 +195,7 @@ def test_a_complete_method_registers():
     pm, instance = job_manager(entry(Good))
     assert isinstance(instance, Good)
     assert pm.hook.recipe(protocol=load_protocol("base2new"), dataset="dtd", shots=16) == {"epochs": 0}
-    assert pm.hook.train_views() == 0  # harness default
+    assert pm.hook.train_views(image_spec=None) == []  # harness default: no extra views
 
 
 @pytest.mark.parametrize("cls,hook,detail", [
@@ -260,3 +260,65 @@ def test_contract_errors_while_running(cls, expected, monkeypatch, capsys, tmp_p
     assert code == 2, err
     assert repr(cls.name) in err and expected in err, err
     assert not list((tmp_path / "results").rglob("base2new/**/*.json"))
+
+
+class ViewsMethod(Method):
+    """Asks for two extra views (one flipped, one grey) and records what the harness delivers."""
+
+    name = "views_probe"
+    frozen_image_encoder = False
+    seen: list = []
+
+    @hookimpl
+    def recipe(self, protocol, dataset, shots):
+        return {"epochs": 1, "batch_size": 4}
+
+    @hookimpl
+    def setup(self, ctx):
+        self.backbone = ctx.backbone
+        self.bias = torch.nn.Parameter(torch.zeros(len(ctx.classnames)))
+        module = torch.nn.Module()
+        module.bias = self.bias
+        return module
+
+    @hookimpl
+    def train_views(self, image_spec):
+        from torchvision import transforms as T
+
+        size = image_spec.size
+        base = [T.Resize((size, size)), T.ToTensor()]
+        return [T.Compose([T.RandomHorizontalFlip(1.0), *base]), T.Compose([T.Grayscale(3), *base])]
+
+    @hookimpl
+    def train_step(self, batch, epoch):
+        ViewsMethod.seen.append((batch.images.shape, [v.shape for v in batch.views], batch.image_features))
+        return {"loss": (self.bias ** 2).sum() + batch.images.mean() * 0}
+
+    @hookimpl
+    def prepare_eval(self, classnames, dataset, template):
+        self.n = len(classnames)
+
+    @hookimpl
+    def predict(self, batch):
+        return torch.zeros(batch.labels.shape[0], self.n) + self.bias[: self.n]
+
+
+def test_extra_views_reach_train_step_batched_and_images_are_not_encoded(tmp_path, tiny_backbone, data_root):
+    from benchsuite.engine.jobs import Job
+    from benchsuite.engine.runner import Runner
+
+    ViewsMethod.seen.clear()
+    runner = Runner(tiny_backbone, data_root, tmp_path / "r", manifests_root=tmp_path / "m", echo=lambda *_: None)
+    original = methods_module.get_method
+    try:
+        import benchsuite.engine.runner as runner_module
+
+        runner_module.get_method = lambda name: entry(ViewsMethod) if name == "views_probe" else original(name)
+        runner.run_job(Job(load_protocol("base2new"), "views_probe", "oxford_pets", 16, 1))
+    finally:
+        runner_module.get_method = original
+    assert ViewsMethod.seen
+    images_shape, view_shapes, features = ViewsMethod.seen[0]
+    size = tiny_backbone.image_spec.size
+    assert view_shapes == [images_shape, images_shape] and tuple(images_shape[1:]) == (3, size, size)
+    assert features is None  # frozen_image_encoder = False: the harness does not encode images for it

@@ -382,3 +382,20 @@ def test_bad_inputs_exit_2_naming_the_problem(case, capsys, tmp_path, tiny_check
     assert "benchsuite: error:" in captured.err and named in captured.err, captured.err
     assert "Traceback" not in captured.err
     assert not results.exists() or result_files(results) == []
+
+
+def test_a_rerun_after_losing_its_result_reuses_its_own_training_without_citing_itself(tmp_path, tiny_checkpoint,
+                                                                                       data_root):
+    results = tmp_path / "results"
+    args = run_args("cross_dataset", tiny_checkpoint, data_root, results, "--method", "coop", "--seeds", "1",
+                    "--set", "epochs=2")
+    assert run_quiet(args)[0] == 0
+    (path,) = result_files(results)
+    first = json.loads(path.read_text())
+    path.unlink()  # as if interrupted after the training was saved, before the result was written
+    code, out, err = run_quiet(args)
+    assert code == 0, out + err
+    again = json.loads(path.read_text())
+    assert again["job"]["id"] == first["job"]["id"]
+    assert again["timing"]["train_shared_from"] is None
+    assert again["metrics"] == first["metrics"]

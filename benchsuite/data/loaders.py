@@ -26,10 +26,10 @@ class ImageList(Dataset):
     pays for the augmentation; the random transforms are still drawn per access.
     """
 
-    def __init__(self, items: list[Datum], transform, n_views: int = 0, preload_budget: int = 0):
+    def __init__(self, items: list[Datum], transform, views: list = (), preload_budget: int = 0):
         self.items = items
         self.transform = transform
-        self.n_views = n_views
+        self.views = list(views)
         self.decoded = [decode(item.impath) for item in items] if self._fits(preload_budget) else None
 
     def _fits(self, budget: int) -> bool:
@@ -49,16 +49,16 @@ class ImageList(Dataset):
     def __getitem__(self, index: int):
         item = self.items[index]
         rgb = self.decoded[index] if self.decoded is not None else decode(item.impath)
-        if self.n_views:
-            return self.transform(rgb), item.label, [self.transform(rgb) for _ in range(self.n_views)]
+        if self.views:
+            return self.transform(rgb), item.label, [view(rgb) for view in self.views]
         return self.transform(rgb), item.label
 
 
 def train_loader(items: list[Datum], transform, batch_size: int, *, workers: int, pin_memory: bool,
-                 n_views: int = 0, preload_budget: int = PRELOAD_BUDGET) -> DataLoader:
+                 views: list = (), preload_budget: int = PRELOAD_BUDGET) -> DataLoader:
     """Shuffled each epoch from torch's seeded RNG. Dassl sets drop_last when len >= batch size,
     which silently discards up to batch_size-1 few-shot samples per epoch; we keep them all."""
-    return DataLoader(ImageList(items, transform, n_views, preload_budget), batch_size=batch_size, shuffle=True, drop_last=False,
+    return DataLoader(ImageList(items, transform, views, preload_budget), batch_size=batch_size, shuffle=True, drop_last=False,
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
 
 

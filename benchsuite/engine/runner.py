@@ -206,14 +206,16 @@ class Runner:
             shared = self._load_shared(share_key, module)
             if shared is not None:
                 train_seconds, train_images, shared_from = shared
-                shared_from = None if shared_from == jid else shared_from  # its own training, saved before a crash
-                self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
+                if shared_from == jid:  # its own training, saved just before an interruption
+                    shared_from = None
+                else:
+                    self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
             else:
-                n_views = int(pm.hook.train_views() or 0)
+                views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
                 loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
                                               workers=self.workers, pin_memory=b.device.type == "cuda",
-                                              n_views=n_views, preload_budget=self.preload_budget)
-                stats = train(pm, job.method, module, loader, recipe, b, entry.cls.frozen_image_encoder, n_views,
+                                              views=views, preload_budget=self.preload_budget)
+                stats = train(pm, job.method, module, loader, recipe, b, entry.cls.frozen_image_encoder,
                               progress=f"{prefix} train")
                 train_seconds, train_images = stats.seconds, stats.images
                 self._save_shared(share_key, module, jid, stats.seconds, stats.images)

@@ -73,7 +73,7 @@ def make_optimizer(params: list[torch.nn.Parameter], recipe: dict[str, Any]) -> 
 
 
 def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, recipe: dict[str, Any], backbone,
-          frozen_image_encoder: bool, n_views: int, *, progress: str = "") -> TrainStats:
+          frozen_image_encoder: bool, *, progress: str = "") -> TrainStats:
     epochs = int(recipe["epochs"])
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -95,7 +95,7 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
         losses: list[torch.Tensor] = []
         for step, (images, labels, *views) in enumerate(loader):
             outputs = train_step(pm, method, module, optimizer, backbone, images, labels,
-                                 views[0] if n_views else [], frozen_image_encoder, epoch)
+                                 views[0] if views else [], frozen_image_encoder, epoch)
             losses.append(outputs["loss"].detach().float())
             n_images += images.shape[0]
         epoch_loss = torch.stack(losses).mean()
