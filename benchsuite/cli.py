@@ -89,7 +89,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
     runner = Runner(backbone, data_root, results, manifests_root=results / "_manifests",
                     overrides=parse_overrides(args.set or []), workers=args.workers, feature_cache=cache,
-                    preload_budget=0 if args.no_preload else PRELOAD_BUDGET)
+                    preload_budget=0 if args.no_preload else PRELOAD_BUDGET,
+                    class_text_once=not args.no_class_text_once)
     summary = runner.run(jobs)
     print(f"benchsuite: {len(summary.written)} written, {len(summary.skipped)} skipped, "
           f"{len(summary.failed)} failed; results in {results}")
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute test-set image features for every evaluation")
     p.add_argument("--no-text-truncation", action="store_true",
                    help="run the text encoder over all context positions (the exact fast path cuts after EOT)")
+    p.add_argument("--no-class-text-once", action="store_true",
+                   help="rebuild the classifier (class text features) before every test batch")
     p.add_argument("--no-preload", action="store_true",
                    help="decode training images from disk at every step instead of once per job")
     p.set_defaults(func=_cmd_run)

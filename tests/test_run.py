@@ -399,3 +399,21 @@ def test_a_rerun_after_losing_its_result_reuses_its_own_training_without_citing_
     assert again["job"]["id"] == first["job"]["id"]
     assert again["timing"]["train_shared_from"] is None
     assert again["metrics"] == first["metrics"]
+
+
+def test_every_fast_path_switched_off_gives_the_same_results(b2n, tiny_checkpoint, data_root, tmp_path):
+    """The straightforward twins (no truncation, classifier per batch, decode per step, no cache)
+    reproduce the fast run's metrics exactly."""
+    results, _, _ = b2n
+    slow_results = tmp_path / "slow"
+    code, out, err = run_quiet(run_args("base2new", tiny_checkpoint, data_root, slow_results, "--method", "coop",
+                                        "zeroshot_clip", "--dataset", B2N_DATASET, "--seeds", "1",
+                                        "--set", "epochs=2", "--no-text-truncation", "--no-class-text-once",
+                                        "--no-preload", "--no-feature-cache"))
+    assert code == 0, out + err
+    fast, slow = load_results(results), load_results(slow_results)
+    assert set(fast) == set(slow)
+    for key in fast:
+        assert slow[key]["timing"]["eval_feature_cache"] == "off"
+        for name, metric in fast[key]["metrics"].items():
+            assert slow[key]["metrics"][name]["correct"] == metric["correct"], (key, name)

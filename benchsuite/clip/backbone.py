@@ -71,7 +71,7 @@ def _create(model_name: str, pretrained: str, cache_dir: str | None) -> tuple[nn
         torch.manual_seed(0)  # random weights, but the same ones on every run
         return open_clip.create_model(model_name, pretrained=None), "none"
     if path.is_file():
-        if _is_torchscript(path):
+        if _is_torchscript(path):  # the architecture comes from the archive's shapes, as in OpenAI's loader
             return open_clip.load_openai_model(str(path), precision="fp32", device="cpu"), path.name
         if model_name not in known:
             raise BackboneError(f"unknown open_clip model {model_name!r} for checkpoint {path}")

@@ -58,7 +58,10 @@ def compute_features(backbone, loader, *, progress: str = "") -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: Iterable[EvalBatch],
-             classnames: list[str], dataset: str, template: str, backbone, *, progress: str = "") -> EvalResult:
+             classnames: list[str], dataset: str, template: str, backbone, *, progress: str = "",
+             prepare_per_batch: bool = False) -> EvalResult:
+    """Accuracy over `batches`. The classifier is prepared once; `prepare_per_batch` rebuilds it
+    before every batch, the straightforward twin of that fast path (`--no-class-text-once`)."""
     device = backbone.device
     module.eval()
     if device.type == "cuda":
@@ -70,6 +73,8 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
     total = 0
     for batch in tqdm(batches, desc=progress or f"eval {dataset}", unit="batch", leave=False, disable=None):
         with backbone.autocast():
+            if prepare_per_batch:
+                pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template)
             logits = pm.hook.predict(batch=batch)
         n = batch.labels.shape[0]
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n, len(classnames)):

@@ -77,7 +77,7 @@ class Runner:
     def __init__(self, backbone: Backbone, data_root: Path, results_root: Path, *, manifests_root: Path,
                  overrides: Overrides | None = None, workers: int | None = None,
                  feature_cache: FeatureCache | None = None, preload_budget: int = loaders.PRELOAD_BUDGET,
-                 echo=print):
+                 class_text_once: bool = True, echo=print):
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.store = ResultStore(Path(results_root))
@@ -87,6 +87,7 @@ class Runner:
         self.workers = loaders.default_workers(backbone.device) if workers is None else workers
         self.feature_cache = feature_cache  # None: computed afresh for every evaluation
         self.preload_budget = preload_budget
+        self.class_text_once = class_text_once
         self.echo = echo
         self._splits: dict[str, DatasetSplits] = {}
         self._env = environment()
@@ -235,7 +236,7 @@ class Runner:
                 batches = image_batches(loader, b.device)
                 cache_states.append("off")
             res = evaluate(pm, job.method, module, batches, classnames, ev.dataset, get_dataset(ev.dataset).template,
-                           b, progress=f"{prefix} eval {ev.key}")
+                           b, progress=f"{prefix} eval {ev.key}", prepare_per_batch=not self.class_text_once)
             metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total}
             evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
                              "n_classes": len(classnames), "transform": describe(e_tf)}
