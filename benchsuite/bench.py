@@ -61,6 +61,20 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int)
     return statistics.median(times)
 
 
+def _timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                       iters: int) -> dict[str, float]:
+    """Median seconds of each function, timed in alternation so that drifting machine load affects
+    the compared measurements alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, device, 0, 1))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _synthetic_jpegs(folder: Path, n: int, seed: int) -> list[Datum]:
     """Photo-sized JPEGs (500x375, like the real datasets) for the data-pipeline measurement."""
     from PIL import Image
@@ -108,22 +122,29 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
     out: dict[str, Any] = {"method": method, "protocol": protocol_id, "backbone": backbone.model_name,
                            "pretrained": backbone.pretrained, "precision": backbone.precision, "device": str(device),
                            "batch_size": batch, "n_classes": len(classnames), "threads": torch.get_num_threads()}
-    floor_s = _timed(floor, device, warmup, iters)
-    out["floor_ms_per_image"] = 1000 * floor_s / batch
     params = [p for p in module.parameters() if p.requires_grad]
     if recipe["epochs"] > 0 and params:
         optimizer = make_optimizer(params, recipe)
-        step = lambda: train_step(pm, method, module, optimizer, backbone, images, labels, views, frozen, 0)
         truncate = backbone.truncate_text
+
+        def step(truncated: bool) -> Callable[[], Any]:
+            def run() -> Any:
+                backbone.truncate_text = truncated
+                return train_step(pm, method, module, optimizer, backbone, images, labels, views, frozen, 0)
+            return run
+
         try:
-            backbone.truncate_text = True
-            out["train_ms_per_image"] = 1000 * _timed(step, device, warmup, iters) / batch
-            backbone.truncate_text = False
-            out["train_straightforward_ms_per_image"] = 1000 * _timed(step, device, warmup, iters) / batch
+            seconds = _timed_interleaved({"floor": floor, "fast": step(True), "straightforward": step(False)},
+                                         device, warmup, iters)
         finally:
             backbone.truncate_text = truncate
+        out["floor_ms_per_image"] = 1000 * seconds["floor"] / batch
+        out["train_ms_per_image"] = 1000 * seconds["fast"] / batch
+        out["train_straightforward_ms_per_image"] = 1000 * seconds["straightforward"] / batch
         out["train_ratio_to_floor"] = out["train_ms_per_image"] / out["floor_ms_per_image"]
         out["train_straightforward_ratio_to_floor"] = out["train_straightforward_ms_per_image"] / out["floor_ms_per_image"]
+    else:
+        out["floor_ms_per_image"] = 1000 * _timed(floor, device, warmup, iters) / batch
     out.update(_bench_eval(backbone, pm, module, classnames, frozen, eval_images, warmup, iters, seed))
     out["eval_ratio_to_floor"] = out["eval_images_per_second"] / out["eval_floor_images_per_second"]
     out.update(_bench_data(backbone, batch, workers, seed))
@@ -171,8 +192,9 @@ def _bench_eval(backbone: Backbone, pm, module, classnames, frozen: bool, n: int
             with backbone.autocast():
                 backbone.encode_image(test[s:s + 100].to(device))
 
-    out = {"eval_images": n, "eval_floor_images_per_second": n / _timed(floor, device, 1, max(1, iters // 2)),
-           "eval_images_per_second": n / _timed(first, device, 1, max(1, iters // 2))}
+    seconds = _timed_interleaved({"floor": floor, "first": first}, device, 1, max(1, iters // 2))
+    out = {"eval_images": n, "eval_floor_images_per_second": n / seconds["floor"],
+           "eval_images_per_second": n / seconds["first"]}
     if frozen:
         out["eval_cached_images_per_second"] = n / _timed(second, device, 1, iters)
     return out

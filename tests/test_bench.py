@@ -1,0 +1,38 @@
+"""`benchsuite bench` produces every measurement it reports (values are not asserted: speed targets
+live in the benchmark suite and the README, never in timed unit tests)."""
+
+from __future__ import annotations
+
+import json
+
+from benchsuite.bench import format_report, run_bench
+from benchsuite.cli import main
+
+from conftest import TINY_MODEL
+
+
+def test_bench_reports_floor_training_evaluation_and_data(tiny_backbone):
+    report = run_bench(tiny_backbone, "coop", "base2new", warmup=0, iters=1, eval_images=20)
+    assert report["batch_size"] == 32 and report["n_classes"] == 50  # CoOp's recipe, Caltech101 base half
+    for key in ("floor_ms_per_image", "train_ms_per_image", "train_straightforward_ms_per_image",
+                "eval_images_per_second", "eval_floor_images_per_second", "eval_cached_images_per_second",
+                "data_images_per_second", "peak_memory_bytes"):
+        assert report[key] > 0, key
+    assert tiny_backbone.truncate_text  # restored after timing the straightforward path
+    text = format_report(report)
+    assert "train step, fast path" in text and "second method (cached features)" in text
+
+
+def test_bench_of_a_method_that_does_not_train_has_no_training_rows(tiny_backbone):
+    report = run_bench(tiny_backbone, "zeroshot_clip", "few_shot", warmup=0, iters=1, eval_images=10)
+    assert "train_ms_per_image" not in report and report["n_classes"] == 100
+    assert "train step" not in format_report(report)
+
+
+def test_bench_cli_writes_json(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--method", "zeroshot_clip", "--backbone", TINY_MODEL, "--pretrained", str(tiny_checkpoint),
+                 "--warmup", "0", "--iters", "1", "--eval-images", "10", "--json", str(out)])
+    assert code == 0
+    assert json.loads(out.read_text())["method"] == "zeroshot_clip"
+    assert "image-encoder floor" in capsys.readouterr().out
