@@ -90,7 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(backbone, data_root, results, manifests_root=results / "_manifests",
                     overrides=parse_overrides(args.set or []), workers=args.workers, feature_cache=cache,
                     preload_budget=0 if args.no_preload else PRELOAD_BUDGET,
-                    class_text_once=not args.no_class_text_once)
+                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection)
     summary = runner.run(jobs)
     print(f"benchsuite: {len(summary.written)} written, {len(summary.skipped)} skipped, "
           f"{len(summary.failed)} failed; results in {results}")
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute test-set image features for every evaluation")
     p.add_argument("--no-text-truncation", action="store_true",
                    help="run the text encoder over all context positions (the exact fast path cuts after EOT)")
+    p.add_argument("--allow-model-selection", action="store_true",
+                   help="let a recipe select its model on the test set (GOPro); results are marked off-protocol")
     p.add_argument("--no-class-text-once", action="store_true",
                    help="rebuild the classifier (class text features) before every test batch")
     p.add_argument("--no-preload", action="store_true",

@@ -417,3 +417,37 @@ def test_every_fast_path_switched_off_gives_the_same_results(b2n, tiny_checkpoin
         assert slow[key]["timing"]["eval_feature_cache"] == "off"
         for name, metric in fast[key]["metrics"].items():
             assert slow[key]["metrics"][name]["correct"] == metric["correct"], (key, name)
+
+
+def test_best_test_epoch_keeps_the_best_scored_state():
+    import torch
+
+    from benchsuite.engine.runner import BestTestEpoch
+
+    module = torch.nn.Linear(1, 1, bias=False)
+    scores = iter([10.0, 30.0, 20.0])
+    selector = BestTestEpoch(lambda: next(scores), module)
+    for epoch, value in enumerate([1.0, 2.0, 3.0]):
+        module.weight.data.fill_(value)
+        selector.epoch_end(epoch=epoch, num_epochs=3)
+    selector.train_end()
+    assert float(module.weight) == 2.0 and selector.best == 30.0
+
+
+def test_test_set_model_selection_is_refused_unless_allowed_and_then_marked_off_protocol(
+        tmp_path, tiny_checkpoint, data_root):
+    from benchsuite.leaderboard import build_leaderboard
+
+    results = tmp_path / "results"
+    args = run_args("base2new", tiny_checkpoint, data_root, results, "--method", "coop", "--dataset", B2N_DATASET,
+                    "--seeds", "1", "--set", "epochs=2", "coop.model_selection=best_test_epoch")
+    code, out, err = run_quiet(args)
+    assert code == 2 and "--allow-model-selection" in err and not result_files(results)
+    code, out, err = run_quiet(args + ["--allow-model-selection"])
+    assert code == 0, out + err
+    (path,) = result_files(results)
+    result = json.loads(path.read_text())
+    assert result["method"]["recipe"]["model_selection"] == "best_test_epoch"
+    assert any("off-protocol" in p for p in validate_result(result))
+    board = build_leaderboard([(path, result)], root=results)
+    assert "off-protocol" in board[board.index("## Refused results"):]

@@ -27,7 +27,7 @@ from ..data.fewshot import FewShotSplit, ManifestStore, sample_fewshot, subsampl
 from ..data.registry import get_dataset, load_dataset
 from ..data.transforms import describe, test_transform, train_transform
 from ..errors import BenchsuiteError, ContractError
-from ..hookspecs import SetupContext
+from ..hookspecs import SetupContext, hookimpl
 from ..methods import MethodEntry, get_method, implements, job_manager
 from ..results.store import ResultStore
 from .evaluate import compute_features, evaluate, feature_batches, image_batches
@@ -39,6 +39,30 @@ from .train import NonFiniteLoss, train
 
 #: CoOp's ImageNet reader samples only train; its val is the test set (methods.md 2.1).
 NO_VAL_SAMPLING = {"imagenet"}
+#: Model selections a recipe may ask for; anything but the protocol's needs --allow-model-selection.
+MODEL_SELECTIONS = ("last_epoch", "best_test_epoch")
+
+
+class BestTestEpoch:
+    """GOPro's selection, harness-owned and opt-in: after every epoch, score the model on the job's
+    first evaluation set (its test split) and load the best epoch's state when training ends.
+    Registered ``trylast`` so it sees the state after the method's own epoch_end/train_end."""
+
+    def __init__(self, score, module: torch.nn.Module):
+        self.score, self.module = score, module
+        self.best, self.state = -1.0, None
+
+    @hookimpl(trylast=True)
+    def epoch_end(self, epoch: int, num_epochs: int) -> None:
+        accuracy = self.score()
+        if accuracy > self.best:
+            self.best = accuracy
+            self.state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    @hookimpl(trylast=True)
+    def train_end(self) -> None:
+        if self.state is not None:
+            self.module.load_state_dict(self.state)
 
 
 @dataclass
@@ -77,7 +101,7 @@ class Runner:
     def __init__(self, backbone: Backbone, data_root: Path, results_root: Path, *, manifests_root: Path,
                  overrides: Overrides | None = None, workers: int | None = None,
                  feature_cache: FeatureCache | None = None, preload_budget: int = loaders.PRELOAD_BUDGET,
-                 class_text_once: bool = True, echo=print):
+                 class_text_once: bool = True, allow_model_selection: bool = False, echo=print):
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.store = ResultStore(Path(results_root))
@@ -88,6 +112,7 @@ class Runner:
         self.feature_cache = feature_cache  # None: computed afresh for every evaluation
         self.preload_budget = preload_budget
         self.class_text_once = class_text_once
+        self.allow_model_selection = allow_model_selection
         self.echo = echo
         self._splits: dict[str, DatasetSplits] = {}
         self._env = environment()
@@ -153,9 +178,17 @@ class Runner:
         recipe, overrides = resolve_recipe(
             job.method, pm.hook.recipe(protocol=job.protocol, dataset=job.dataset, shots=job.shots),
             job.protocol.profile, self.overrides)
-        if recipe["model_selection"] != job.protocol.spec["model_selection"]:
-            raise BenchsuiteError(f"method {job.method!r} asks for model selection {recipe['model_selection']!r}; "
-                                  f"protocol {job.protocol.id!r} fixes {job.protocol.spec['model_selection']!r}")
+        selection = recipe["model_selection"]
+        if selection != job.protocol.spec["model_selection"]:
+            if selection not in MODEL_SELECTIONS:
+                raise BenchsuiteError(f"method {job.method!r}: unknown model_selection {selection!r}; "
+                                      f"known: {', '.join(MODEL_SELECTIONS)}")
+            if not self.allow_model_selection:
+                raise BenchsuiteError(
+                    f"method {job.method!r} asks for model selection {selection!r}, but protocol "
+                    f"{job.protocol.id!r} evaluates the {job.protocol.spec['model_selection']} model. Pass "
+                    f"--allow-model-selection to run it anyway; its results are marked off-protocol and the "
+                    f"leaderboard refuses them")
         if recipe["epochs"] > 0 and not implements(pm, method, "train_step"):
             raise ContractError(f"method {job.method!r} ({entry.source}): the recipe trains for {recipe['epochs']} "
                                 f"epochs but the method does not implement the hook 'train_step'")
@@ -212,6 +245,9 @@ class Runner:
                 else:
                     self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
             else:
+                if recipe["model_selection"] == "best_test_epoch":
+                    pm.register(BestTestEpoch(self._first_eval_scorer(job, split, pm, module), module),
+                                name="harness:best_test_epoch")
                 views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
                 loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
                                               workers=self.workers, pin_memory=b.device.type == "cuda",
@@ -226,15 +262,8 @@ class Runner:
         cache_states = []
         for ev, items, classnames, root in self.eval_data(job, split):
             fp = fingerprint(items, root)
-            loader = loaders.eval_loader(items, e_tf, batch_size, workers=self.workers,
-                                         pin_memory=b.device.type == "cuda")
-            if entry.cls.frozen_image_encoder:
-                features, state = self._features(loader, fp, describe(e_tf), f"{prefix} features {ev.key}")
-                batches = feature_batches(features, batch_size, b.device)
-                cache_states.append(state)
-            else:
-                batches = image_batches(loader, b.device)
-                cache_states.append("off")
+            batches, state = self._eval_batches(entry, items, root, batch_size, f"{prefix} features {ev.key}")
+            cache_states.append(state)
             res = evaluate(pm, job.method, module, batches, classnames, ev.dataset, get_dataset(ev.dataset).template,
                            b, progress=f"{prefix} eval {ev.key}", prepare_per_batch=not self.class_text_once)
             metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total}
@@ -265,6 +294,29 @@ class Runner:
             "environment": self._env,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+    def _eval_batches(self, entry: MethodEntry, items, root, batch_size: int, progress: str):
+        """Evaluation batches of one set: images, or frozen-encoder features (cached); and the cache state."""
+        b = self.backbone
+        loader = loaders.eval_loader(items, test_transform(b.image_spec), batch_size, workers=self.workers,
+                                     pin_memory=b.device.type == "cuda")
+        if not entry.cls.frozen_image_encoder:
+            return image_batches(loader, b.device), "off"
+        features, state = self._features(loader, fingerprint(items, root), describe(test_transform(b.image_spec)),
+                                         progress)
+        return feature_batches(features, batch_size, b.device), state
+
+    def _first_eval_scorer(self, job: Job, split: FewShotSplit, pm, module):
+        entry = get_method(job.method)
+        ev, items, classnames, root = next(iter(self.eval_data(job, split)))
+
+        def score() -> float:
+            batches, _ = self._eval_batches(entry, items, root, int(job.protocol.spec["eval_batch_size"]),
+                                            f"select on {ev.key}")
+            return evaluate(pm, job.method, module, batches, classnames, ev.dataset,
+                            get_dataset(ev.dataset).template, self.backbone).accuracy
+
+        return score
 
     def _features(self, loader, fp: str, transform: str, progress: str):
         """A lazy source of (features, labels) for a frozen-encoder evaluation, and the cache state."""

@@ -82,6 +82,10 @@ def _protocol_problems(result: dict[str, Any]) -> list[str]:
         problems.append(f"$.job.seed: {job['seed']} is not a seed of {p.id} (seeds {p.seeds})")
     if job["shots"] not in p.shots:
         problems.append(f"$.job.shots: {job['shots']} is not a shot count of {p.id} (shots {p.shots})")
+    selection = result.get("method", {}).get("recipe", {}).get("model_selection", p.spec["model_selection"])
+    if selection != p.spec["model_selection"]:
+        problems.append(f"$.method.recipe.model_selection: {selection!r} is off-protocol ({p.id} evaluates the "
+                        f"{p.spec['model_selection']} model); such results are not comparable")
     return problems
 
 
