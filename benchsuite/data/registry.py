@@ -28,6 +28,7 @@ class DatasetSpec:
     layout: str  # one-line human description of the expected layout
     reader: Callable[[Path], DatasetSplits]
     test_only: bool = False
+    sample_val: bool = True  # few-shot also samples val; CoOp's ImageNet does not (its val is the test set)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -91,7 +92,8 @@ _BUILTIN = [
 
 for _name, _folder, _title, _template, _reader, _test_only in _BUILTIN:
     register_dataset(DatasetSpec(name=_name, folder=_folder, title=_title, template=_template,
-                                 layout=readers.LAYOUTS[_name], reader=_reader, test_only=_test_only))
+                                 layout=readers.LAYOUTS[_name], reader=_reader, test_only=_test_only,
+                                 sample_val=_name != "imagenet"))
 
 # The procedurally generated toy world registers through the same interface (benchsuite.toy).
 from ..toy.datasets import register_toy_datasets  # noqa: E402  (after the built-ins, by design)

@@ -60,9 +60,6 @@ class FeatureCache:
     def _dir(self, key: str) -> Path:
         return self.root / key
 
-    def has(self, key: str) -> bool:
-        return (self._dir(key) / "meta.json").exists()
-
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         folder = self._dir(key)
         if not (folder / "meta.json").exists():
@@ -71,7 +68,8 @@ class FeatureCache:
             features = np.load(folder / "features.npy", allow_pickle=False)
             labels = np.load(folder / "labels.npy", allow_pickle=False)
         except (OSError, ValueError):
-            return None  # damaged entry: recompute (the next put replaces it)
+            shutil.rmtree(folder, ignore_errors=True)  # damaged: a miss, and the next put rewrites it
+            return None
         os.utime(folder / "meta.json")  # recency for eviction
         return torch.from_numpy(features), torch.from_numpy(labels)
 

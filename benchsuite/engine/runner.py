@@ -27,7 +27,7 @@ from ..data.fewshot import FewShotSplit, ManifestStore, sample_fewshot, subsampl
 from ..data.registry import get_dataset, load_dataset
 from ..data.transforms import describe, test_transform, train_transform
 from ..errors import BenchsuiteError, ContractError
-from ..hookspecs import SetupContext, hookimpl
+from ..hookspecs import TRAINING_HOOKS, SetupContext, hookimpl
 from ..methods import MethodEntry, get_method, implements, job_manager
 from ..results.store import ResultStore
 from .evaluate import compute_features, evaluate, feature_batches, image_batches
@@ -37,8 +37,6 @@ from .recipe import Overrides, config_hash, resolve_recipe
 from .seeding import seed_everything
 from .train import NonFiniteLoss, train
 
-#: CoOp's ImageNet reader samples only train; its val is the test set (methods.md 2.1).
-NO_VAL_SAMPLING = {"imagenet"}
 #: Model selections a recipe may ask for; anything but the protocol's needs --allow-model-selection.
 MODEL_SELECTIONS = ("last_epoch", "best_test_epoch")
 
@@ -115,6 +113,7 @@ class Runner:
         self.allow_model_selection = allow_model_selection
         self.echo = echo
         self._splits: dict[str, DatasetSplits] = {}
+        self._signatures: dict[str, str] = {}  # test-data fingerprint -> files_signature
         self._env = environment()
 
     # ---- data -------------------------------------------------------------------------------
@@ -133,7 +132,7 @@ class Runner:
 
     def fewshot(self, job: Job) -> tuple[FewShotSplit, str]:
         split = sample_fewshot(self.splits(job.dataset), job.shots, job.seed,
-                               sample_val=job.dataset not in NO_VAL_SAMPLING)
+                               sample_val=get_dataset(job.dataset).sample_val)
         return split, self.manifests.record(split)
 
     def eval_data(self, job: Job, split: FewShotSplit):
@@ -189,9 +188,10 @@ class Runner:
                     f"{job.protocol.id!r} evaluates the {job.protocol.spec['model_selection']} model. Pass "
                     f"--allow-model-selection to run it anyway; its results are marked off-protocol and the "
                     f"leaderboard refuses them")
-        if recipe["epochs"] > 0 and not implements(pm, method, "train_step"):
+        missing = [hook for hook in TRAINING_HOOKS if not implements(pm, method, hook)]
+        if recipe["epochs"] > 0 and missing:
             raise ContractError(f"method {job.method!r} ({entry.source}): the recipe trains for {recipe['epochs']} "
-                                f"epochs but the method does not implement the hook 'train_step'")
+                                f"epochs but the method does not implement the hook {missing[0]!r}")
         chash = config_hash(job.method, recipe)
         backbone = self.backbone_record()
         jid = job_id(job, chash, backbone)
@@ -246,7 +246,7 @@ class Runner:
                     self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
             else:
                 if recipe["model_selection"] == "best_test_epoch":
-                    pm.register(BestTestEpoch(self._first_eval_scorer(job, split, pm, module), module),
+                    pm.register(BestTestEpoch(self._first_eval_scorer(job, entry, split, pm, module), module),
                                 name="harness:best_test_epoch")
                 views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
                 loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
@@ -262,9 +262,9 @@ class Runner:
         cache_states = []
         for ev, items, classnames, root in self.eval_data(job, split):
             fp = fingerprint(items, root)
-            batches, state = self._eval_batches(entry, items, root, batch_size, f"{prefix} features {ev.key}")
+            batches, state = self._eval_batches(entry, items, fp, batch_size, f"{prefix} features {ev.key}")
             cache_states.append(state)
-            res = evaluate(pm, job.method, module, batches, classnames, ev.dataset, get_dataset(ev.dataset).template,
+            res = evaluate(pm, job.method, module, batches(), classnames, ev.dataset, get_dataset(ev.dataset).template,
                            b, progress=f"{prefix} eval {ev.key}", prepare_per_batch=not self.class_text_once)
             metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total}
             evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
@@ -295,49 +295,51 @@ class Runner:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
-    def _eval_batches(self, entry: MethodEntry, items, root, batch_size: int, progress: str):
-        """Evaluation batches of one set: images, or frozen-encoder features (cached); and the cache state."""
+    def _eval_batches(self, entry: MethodEntry, items, fp: str, batch_size: int, progress: str):
+        """A factory of evaluation batches for one set, and the feature-cache state (hit, miss, off).
+
+        Methods that prompt the image encoder get image batches. For frozen-encoder methods the
+        features are computed at most once per call of this function (inside the first iteration,
+        so inside the timed region) or read from the feature cache; calling the factory again
+        reuses them (model selection scores every epoch on the same features).
+        """
         b = self.backbone
-        loader = loaders.eval_loader(items, test_transform(b.image_spec), batch_size, workers=self.workers,
+        transform = test_transform(b.image_spec)
+        loader = loaders.eval_loader(items, transform, batch_size, workers=self.workers,
                                      pin_memory=b.device.type == "cuda")
         if not entry.cls.frozen_image_encoder:
-            return image_batches(loader, b.device), "off"
-        features, state = self._features(loader, fingerprint(items, root), describe(test_transform(b.image_spec)),
-                                         progress)
-        return feature_batches(features, batch_size, b.device), state
+            return (lambda: image_batches(loader, b.device)), "off"
+        held: list = []
+        key, state = None, "off"
+        if self.feature_cache is not None:
+            if fp not in self._signatures:  # stat every test image once per run, not once per job
+                self._signatures[fp] = files_signature(items)
+            key = feature_key(b.model_name, b.weights_sha256, fp + self._signatures[fp], describe(transform),
+                              b.precision)
+            cached = self.feature_cache.get(key)
+            if cached is not None:
+                held.append(cached)
+            state = "hit" if held else "miss"
 
-    def _first_eval_scorer(self, job: Job, split: FewShotSplit, pm, module):
-        entry = get_method(job.method)
+        def features():
+            if not held:
+                feats, labels = compute_features(b, loader, progress=progress)
+                if key is not None:
+                    self.feature_cache.put(key, feats, labels, {"model": b.model_name, "pretrained": b.pretrained,
+                                                                "precision": b.precision, "fingerprint": fp,
+                                                                "n_images": int(labels.shape[0])})
+                held.append((feats, labels))
+            return held[0]
+
+        return (lambda: feature_batches(features, batch_size, b.device)), state
+
+    def _first_eval_scorer(self, job: Job, entry: MethodEntry, split: FewShotSplit, pm, module):
         ev, items, classnames, root = next(iter(self.eval_data(job, split)))
-
-        def score() -> float:
-            batches, _ = self._eval_batches(entry, items, root, int(job.protocol.spec["eval_batch_size"]),
-                                            f"select on {ev.key}")
-            return evaluate(pm, job.method, module, batches, classnames, ev.dataset,
-                            get_dataset(ev.dataset).template, self.backbone).accuracy
-
-        return score
-
-    def _features(self, loader, fp: str, transform: str, progress: str):
-        """A lazy source of (features, labels) for a frozen-encoder evaluation, and the cache state."""
-        b = self.backbone
-        compute = lambda: compute_features(b, loader, progress=progress)
-        if self.feature_cache is None:
-            return compute, "off"
-        key = feature_key(b.model_name, b.weights_sha256, fp + files_signature(loader.dataset.items), transform,
-                          b.precision)
-        if self.feature_cache.has(key):
-            cached = lambda: self.feature_cache.get(key) or compute()  # a damaged entry is recomputed
-            return cached, "hit"
-
-        def compute_and_store():
-            feats, labels = compute()
-            self.feature_cache.put(key, feats, labels, {"model": b.model_name, "pretrained": b.pretrained,
-                                                        "precision": b.precision, "fingerprint": fp,
-                                                        "n_images": int(labels.shape[0])})
-            return feats, labels
-
-        return compute_and_store, "miss"
+        batches, _ = self._eval_batches(entry, items, fingerprint(items, root),
+                                        int(job.protocol.spec["eval_batch_size"]), f"select on {ev.key}")
+        template = get_dataset(ev.dataset).template
+        return lambda: evaluate(pm, job.method, module, batches(), classnames, ev.dataset, template,
+                                self.backbone).accuracy
 
     # ---- trainings shared between protocols -----------------------------------------------------
     def _shared_path(self, key: str) -> Path:
