@@ -26,8 +26,9 @@ from .data.datum import Datum
 from .data.transforms import train_transform
 from .engine.recipe import resolve_recipe
 from .engine.runner import _peak_memory
+from .engine.evaluate import compute_features, evaluate, feature_batches, image_batches
 from .engine.train import make_optimizer, train_step
-from .hookspecs import EvalBatch, SetupContext
+from .hookspecs import SetupContext
 from .methods import get_method, job_manager
 from .protocols import load_protocol
 
@@ -145,7 +146,7 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
         out["train_straightforward_ratio_to_floor"] = out["train_straightforward_ms_per_image"] / out["floor_ms_per_image"]
     else:
         out["floor_ms_per_image"] = 1000 * _timed(floor, device, warmup, iters) / batch
-    out.update(_bench_eval(backbone, pm, module, classnames, frozen, eval_images, warmup, iters, seed))
+    out.update(_bench_eval(backbone, pm, method, module, classnames, frozen, eval_images, warmup, iters, seed))
     out["eval_ratio_to_floor"] = out["eval_images_per_second"] / out["eval_floor_images_per_second"]
     out.update(_bench_data(backbone, batch, workers, seed))
     step_rate = batch / (out.get("train_ms_per_image", out["floor_ms_per_image"]) * batch / 1000)
@@ -155,48 +156,40 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
 
 
 @torch.no_grad()
-def _bench_eval(backbone: Backbone, pm, module, classnames, frozen: bool, n: int, warmup: int, iters: int,
-                seed: int) -> dict[str, Any]:
-    """Evaluation images/s in test batches of 100: the floor (encoder only), a first method (image
-    features computed), and a second method on the same backbone and test set (features reused)."""
+def _bench_eval(backbone: Backbone, pm, method: str, module, classnames, frozen: bool, n: int, warmup: int,
+                iters: int, seed: int) -> dict[str, Any]:
+    """Evaluation images/s in test batches of 100, through the harness's own `evaluate`: the floor
+    (encoder only), a first method (image features computed, as on a cache miss) and a second
+    method on the same backbone and test set (features reused, as on a cache hit)."""
     device = backbone.device
     gen = torch.Generator().manual_seed(seed)
     size = backbone.image_spec.size
     test = torch.randn(n, 3, size, size, generator=gen)
-    labels = torch.randint(0, len(classnames), (n,), generator=gen).to(device)
-    module.eval()
-    with backbone.autocast():
-        pm.hook.prepare_eval(classnames=list(classnames), dataset="bench", template="a photo of a {}.")
-    chunks = range(0, n, 100)
-    cached: list[torch.Tensor] = []
+    labels = torch.randint(0, len(classnames), (n,), generator=gen)
+    loader = [(test[s:s + 100], labels[s:s + 100]) for s in range(0, n, 100)]
+    held: list = []
+
+    def features():
+        if not held:
+            held.append(compute_features(backbone, loader))
+        return held[0]
+
+    def run(batches) -> None:
+        evaluate(pm, method, module, batches, list(classnames), "bench", "a photo of a {}.", backbone)
 
     def first() -> None:
-        cached.clear()
-        for s in chunks:
-            x = test[s:s + 100].to(device)
-            with backbone.autocast():
-                if frozen:
-                    feats = backbone.encode_image(x)
-                    cached.append(feats)
-                    pm.hook.predict(batch=EvalBatch(labels=labels[s:s + 100], image_features=feats))
-                else:
-                    pm.hook.predict(batch=EvalBatch(labels=labels[s:s + 100], images=x))
-
-    def second() -> None:
-        for i, s in enumerate(chunks):
-            with backbone.autocast():
-                pm.hook.predict(batch=EvalBatch(labels=labels[s:s + 100], image_features=cached[i]))
+        held.clear()
+        run(feature_batches(features, 100, device) if frozen else image_batches(loader, device))
 
     def floor() -> None:
-        for s in chunks:
-            with backbone.autocast():
-                backbone.encode_image(test[s:s + 100].to(device))
+        compute_features(backbone, loader)
 
     seconds = _timed_interleaved({"floor": floor, "first": first}, device, 1, max(1, iters // 2))
     out = {"eval_images": n, "eval_floor_images_per_second": n / seconds["floor"],
            "eval_images_per_second": n / seconds["first"]}
     if frozen:
-        out["eval_cached_images_per_second"] = n / _timed(second, device, 1, iters)
+        out["eval_cached_images_per_second"] = n / _timed(lambda: run(feature_batches(features, 100, device)),
+                                                          device, 1, iters)
     return out
 
 

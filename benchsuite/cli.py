@@ -57,8 +57,10 @@ def _resolve_world(args: argparse.Namespace):
         from .toy.datasets import default_root, materialize
 
         data_root = Path(args.data_root) if args.data_root else materialize(default_root())
-        return protocol, data_root, args.backbone or protocol.spec["backbone"]["model"], \
-            args.pretrained or protocol.spec["backbone"]["pretrained"]
+        if args.backbone is None:
+            return protocol, data_root, protocol.spec["backbone"]["model"], \
+                args.pretrained or protocol.spec["backbone"]["pretrained"]
+        return protocol, data_root, args.backbone, args.pretrained or "openai"
     if args.data_root is None:
         raise BenchsuiteError(f"protocol {protocol.id!r} needs real datasets: pass --data-root DIR "
                               f"(the CoOp layout; `benchsuite list datasets` shows the folders), or drop "
@@ -73,7 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .engine.jobs import expand_grid
     from .engine.recipe import parse_overrides
     from .engine.runner import Runner
-    from .leaderboard import build_leaderboard, load_results
+    from .leaderboard import build_tables, load_results
     from .methods import discover
 
     protocol, data_root, model, pretrained = _resolve_world(args)
@@ -97,9 +99,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for line in summary.failed:
         print(f"  failed: {line}", file=sys.stderr)
     if not args.quiet:
-        found, _ = load_results(results, [protocol.id])
-        board = build_leaderboard(found, root=results)
-        print("\n" + board[board.index("## "):board.index("## Refused results")].rstrip())
+        print("\n" + build_tables(load_results(results, [protocol.id])[0]).rstrip())
     return 1 if summary.failed else 0
 
 

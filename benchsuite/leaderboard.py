@@ -323,6 +323,16 @@ def _relative(path: Path, root: Path | None) -> str:
     return Path(path).as_posix()
 
 
+def _merge(results: Iterable[tuple[Path, dict[str, Any]]], root: Path | None) -> tuple[list[_Item], Refusals]:
+    items = sorted((_Item(_relative(path, root), result) for path, result in results), key=lambda i: i.label)
+    return select(items)
+
+
+def build_tables(results: Iterable[tuple[Path, dict[str, Any]]]) -> str:
+    """Only the protocol sections (the tables) of the merged results, e.g. to print after a run."""
+    return "\n".join(_sections(_merge(results, None)[0])) or "_No results yet._\n"
+
+
 def build_leaderboard(results: Iterable[tuple[Path, dict[str, Any]]], root: Path | None = None,
                       unreadable: Iterable[tuple[Path, str]] = ()) -> str:
     """The leaderboard markdown for `results`; paths are shown relative to `root` when given.
@@ -330,8 +340,7 @@ def build_leaderboard(results: Iterable[tuple[Path, dict[str, Any]]], root: Path
     `unreadable` lists files that could not be parsed (from `ResultStore.iter_results`); they are
     reported among the refused results.
     """
-    items = sorted((_Item(_relative(path, root), result) for path, result in results), key=lambda i: i.label)
-    merged, refused = select(items)
+    merged, refused = _merge(results, root)
     refused += [(_relative(path, root), f"unreadable: file {why}") for path, why in unreadable]
     parts = [HEADER]
     parts += _sections(merged) or ["_No results yet._\n"]
@@ -398,4 +407,4 @@ def write_leaderboard(results_root: Path, out: Path, check: bool = False, tolera
     return []
 
 
-__all__ = ["build_leaderboard", "load_results", "numeric_differences", "select", "write_leaderboard"]
+__all__ = ["build_leaderboard", "build_tables", "load_results", "numeric_differences", "select", "write_leaderboard"]

@@ -48,11 +48,6 @@ WNIDS = [w for w, _ in IMAGENET_CLASSES]
 NAMES = dict(IMAGENET_CLASSES)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_data_root(tmp_path_factory.mktemp("data"))
-
-
 def triples(items: list[Datum], root: str) -> list[list]:
     return [[relative_path(d.impath, root), d.label, d.classname] for d in items]
 

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -109,7 +109,6 @@ class Backbone:
     tokenizer: object
     image_spec: ImageSpec
     truncate_text: bool = True
-    _text_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:

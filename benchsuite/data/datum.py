@@ -47,8 +47,12 @@ def relative_path(impath: str, root: str) -> str:
     return os.path.relpath(impath, root).replace(os.sep, "/")
 
 
+def rows(items: list[Datum], root: str) -> list[list]:
+    """[relative path, label, classname] per item: the form of fingerprints and manifests."""
+    return [[relative_path(d.impath, root), d.label, d.classname] for d in items]
+
+
 def fingerprint(items: list[Datum], root: str) -> str:
     """sha256 of the ordered (relative path, label, classname) triples: equal data, equal print."""
-    payload = [[relative_path(d.impath, root), d.label, d.classname] for d in items]
-    blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob = json.dumps(rows(items, root), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()

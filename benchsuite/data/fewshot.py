@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
-from .datum import DatasetSplits, Datum, classnames_of, fingerprint, relative_path
+from .datum import DatasetSplits, Datum, classnames_of, fingerprint, rows
 
 
 def sample_per_class(items: list[Datum], k: int, rng: random.Random) -> list[Datum]:
@@ -49,9 +49,8 @@ class FewShotSplit:
 
     def manifest(self) -> dict:
         """JSON manifest of the sample (never a pickle); its sha256 goes into every result."""
-        rows = lambda items: [[relative_path(d.impath, self.root), d.label, d.classname] for d in items]
         return {"dataset": self.dataset, "shots": self.shots, "seed": self.seed,
-                "train": rows(self.train), "val": rows(self.val)}
+                "train": rows(self.train, self.root), "val": rows(self.val, self.root)}
 
 
 def manifest_sha256(manifest: dict) -> str:

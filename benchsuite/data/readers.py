@@ -55,7 +55,6 @@ LAYOUTS: dict[str, str] = {
     "$DATA/imagenet-rendition/imagenet-r/<wnid>/",
 }
 
-IGNORED_ENTRIES = frozenset({"README.txt"})  # ImageNet-A/-R ship a README next to the class folders
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +341,7 @@ def _read_variant(dataset_dir: Path, name: str, image_subdir: str) -> DatasetSpl
     text_file = _require(os.path.join(ddir, "classnames.txt"), folder=False, name=name)
     image_root = _require(os.path.join(ddir, image_subdir), folder=True, name=name)
     classnames = read_classnames(text_file, name)
-    folders = [f for f in _listing(image_root, dirs=True) if f not in IGNORED_ENTRIES]
+    folders = _listing(image_root, dirs=True)  # class folders only: ImageNet-A/-R's README.txt is a file
     return _test_only(name, image_root, _read_wnid_folders(image_root, folders, classnames, text_file, name))
 
 

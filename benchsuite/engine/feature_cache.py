@@ -22,11 +22,9 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from ..paths import cache_root
+
 DEFAULT_MAX_BYTES = 4 * 1024**3
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("BENCHSUITE_CACHE", Path.home() / ".cache" / "benchsuite"))
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ def feature_key(model: str, weights_sha256: str, fingerprint: str, transform: st
 
 class FeatureCache:
     def __init__(self, root: Path | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.root = Path(root) if root is not None else default_cache_root() / "features"
+        self.root = Path(root) if root is not None else cache_root() / "features"
         self.max_bytes = max_bytes
 
     def _dir(self, key: str) -> Path:

@@ -6,6 +6,7 @@ once per epoch (a non-finite loss stops the job with the method, epoch and loss 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,6 @@ class NonFiniteLoss(BenchsuiteError):
 class TrainStats:
     seconds: float
     images: int
-    final_loss: float
 
 
 def _synchronize(device: torch.device) -> None:
@@ -82,7 +82,6 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
     optimizer = make_optimizer(params, recipe)
     device = backbone.device
     n_images = 0
-    final = float("nan")
     _synchronize(device)
     start = time.perf_counter()
     bar = tqdm(range(epochs), desc=progress or f"train {method}", unit="epoch", leave=False, disable=None)
@@ -99,12 +98,12 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
             losses.append(outputs["loss"].detach().float())
             n_images += images.shape[0]
         epoch_loss = torch.stack(losses).mean()
-        final = float(epoch_loss)  # one host sync per epoch
-        if not torch.isfinite(epoch_loss):
-            raise NonFiniteLoss(f"method {method!r}: mean training loss of epoch {epoch + 1}/{epochs} is {final}; "
+        loss = float(epoch_loss)  # one host sync per epoch
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"method {method!r}: mean training loss of epoch {epoch + 1}/{epochs} is {loss}; "
                                 f"lower the learning rate (--set lr=...) or check the method's loss")
-        bar.set_postfix(loss=f"{final:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         pm.hook.epoch_end(epoch=epoch, num_epochs=epochs)
     pm.hook.train_end()
     _synchronize(device)
-    return TrainStats(seconds=time.perf_counter() - start, images=n_images, final_loss=final)
+    return TrainStats(seconds=time.perf_counter() - start, images=n_images)

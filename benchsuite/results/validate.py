@@ -128,13 +128,12 @@ def validate_result(result: Any) -> list[str]:
     problems = validate_schema(result)
     schema_ok = not problems
     for check in _CHECKS:
-        if schema_ok:
-            problems += check(result)
-            continue
-        try:  # best effort on a malformed result: the schema messages already explain the structure
+        try:
             problems += check(result)
         except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
-            pass
+            if schema_ok:  # a valid result must pass every check without tripping over its structure
+                raise
+            # best effort on a malformed result: the schema messages already explain the structure
     return problems
 
 

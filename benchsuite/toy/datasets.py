@@ -274,8 +274,9 @@ def materialize(root: Path, *, seed: int = 0, scale: float = 1.0) -> Path:
 
 def default_root() -> Path:
     """`$BENCHSUITE_CACHE/toy-world-v<version>`, the cache defaulting to ~/.cache/benchsuite."""
-    cache = os.environ.get("BENCHSUITE_CACHE") or os.path.join("~", ".cache", "benchsuite")
-    return Path(os.path.abspath(os.path.expanduser(cache))) / f"toy-world-v{TOY_WORLD_VERSION}"
+    from ..paths import cache_root
+
+    return cache_root() / f"toy-world-v{TOY_WORLD_VERSION}"
 
 
 # --------------------------------------------------------------------------------------------------

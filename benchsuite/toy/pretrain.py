@@ -1,6 +1,6 @@
 """Contrastive pretraining of the small CLIP shipped with benchsuite, on captioned toy-world images.
 
-`benchsuite toy-pretrain` runs this and writes three files next to each other:
+`benchsuite toy-pretrain` runs this and writes two files next to the shipped config:
 - `bs-toy-clip.pt`: the open_clip state dict, stored in fp16 (token-embedding rows of words the
   pretraining never saw are zero, so the file compresses well in git and in the wheel);
 - `bs-toy-clip.card.json`: seed, every setting, the loss curve and the zero-shot accuracy of the
@@ -154,47 +154,43 @@ def pretrain(settings: PretrainSettings, out_dir: Path = HERE) -> dict[str, Any]
 def _downstream_tokens(tokenizer) -> torch.Tensor:
     """Tokens of every toy class name and template, kept even if a caption never used them."""
     from ..data.registry import DATASETS, format_template
-    from .datasets import register_toy_datasets, toy_dataset_names
+    from .datasets import toy_classnames, toy_dataset_names
 
-    register_toy_datasets()
     texts = []
     for name in toy_dataset_names():
-        spec = DATASETS[name]
-        texts += [format_template(spec.template, c) for c in spec_classnames(name)]
+        texts += [format_template(DATASETS[name].template, c) for c in toy_classnames(name)]
     texts.append("X X X X X X X X X X X X X X X X")
     return tokenizer(texts).flatten().unique()
 
 
-def spec_classnames(name: str) -> list[str]:
-    from .datasets import toy_classnames
-
-    return toy_classnames(name)
-
-
 def zero_shot_table(checkpoint: Path, data_root: Path | None = None) -> dict[str, float]:
-    """Zero-shot top-1 accuracy (%) on the test split of every toy dataset, through the public loader
-    and the `zeroshot_clip` method's exact computation."""
+    """Zero-shot top-1 accuracy (%) on the test split of every toy dataset: the `zeroshot_clip`
+    method, evaluated by the harness's own `evaluate`, on the checkpoint loaded by the public loader."""
     from ..clip.backbone import load_backbone
     from ..data import loaders
-    from ..data.registry import format_template, get_dataset, load_dataset
+    from ..data.registry import get_dataset, load_dataset
     from ..data.transforms import test_transform
-    from .datasets import default_root, materialize, register_toy_datasets, toy_dataset_names
+    from ..engine.evaluate import evaluate, image_batches
+    from ..hookspecs import EvalBatch, SetupContext
+    from ..methods import get_method, job_manager
+    from ..protocols import load_protocol
+    from .datasets import default_root, materialize, toy_dataset_names
 
-    register_config()
-    register_toy_datasets()
     root = materialize(data_root or default_root())
     backbone = load_backbone(MODEL_NAME, str(checkpoint), precision="fp32", device="cpu")
+    protocol = load_protocol("toy_few_shot")
     table: dict[str, float] = {}
     for name in toy_dataset_names():
         splits = load_dataset(name, root)
-        spec = get_dataset(name)
-        text = F.normalize(backbone.encode_text([format_template(spec.template, c) for c in splits.classnames]), dim=-1)
+        pm, _ = job_manager(get_method("zeroshot_clip"))
+        ctx = SetupContext(backbone=backbone, classnames=splits.classnames, dataset=name,
+                           template=get_dataset(name).template, recipe={"epochs": 0}, protocol=protocol,
+                           shots=0, seed=0, device=backbone.device)
+        module = pm.hook.setup(ctx=ctx)
         loader = loaders.eval_loader(splits.test, test_transform(backbone.image_spec), 100, workers=0, pin_memory=False)
-        correct = total = 0
-        with torch.no_grad():
-            for images, labels in loader:
-                feats = F.normalize(backbone.encode_image(images).float(), dim=-1)
-                correct += int(((feats @ text.float().t()).argmax(-1) == labels).sum())
-                total += labels.shape[0]
-        table[name] = round(100.0 * correct / total, 2)
+        batches = (EvalBatch(labels=b.labels, image_features=backbone.encode_image(b.images))
+                   for b in image_batches(loader, backbone.device))
+        result = evaluate(pm, "zeroshot_clip", module, batches, splits.classnames, name,
+                          get_dataset(name).template, backbone)
+        table[name] = round(result.accuracy, 2)
     return table
