@@ -18,10 +18,11 @@ A job runs, in this order::
 
     recipe(protocol, dataset, shots)           -> default hyper-parameters (epochs, lr, ...)
     setup(ctx)                                 -> nn.Module holding everything learnable
+    train_views(image_spec)                    -> extra view transforms (default none)
     for each epoch:                            (harness: SGD, warm-up, epoch-stepped cosine)
         for each batch:
             train_step(batch, epoch)           -> {"loss": tensor, ...}
-            backward(outputs)                  (harness default: outputs["loss"].backward())
+            backward(outputs, model)           (harness default: outputs["loss"].backward())
         epoch_end(epoch, num_epochs)
     train_end()
     for each evaluation set:
