@@ -451,3 +451,55 @@ def test_test_set_model_selection_is_refused_unless_allowed_and_then_marked_off_
     assert any("off-protocol" in p for p in validate_result(result))
     board = build_leaderboard([(path, result)], root=results)
     assert "off-protocol" in board[board.index("## Refused results"):]
+
+
+def test_changed_split_lists_make_a_new_job_instead_of_a_skip(tmp_path, tiny_checkpoint):
+    data = make_data_root(tmp_path / "data", ["oxford_pets"])
+    results = tmp_path / "results"
+    args = run_args("base2new", tiny_checkpoint, data, results, "--method", "zeroshot_clip", "--dataset",
+                    "oxford_pets", "--seeds", "1")
+    assert run_quiet(args)[0] == 0
+    code, out, _ = run_quiet(args)
+    assert "1 skipped" in out
+    split_file = data / "oxford_pets" / "split_zhou_OxfordPets.json"
+    split = json.loads(split_file.read_text())
+    split["test"] = split["test"][:-1]  # one test image fewer: another test set
+    split_file.write_text(json.dumps(split))
+    code, out, err = run_quiet(args)
+    assert code == 0 and "1 written" in out, out + err
+    assert len(result_files(results)) == 2
+
+
+def test_test_sets_with_the_same_relative_layout_never_share_cached_features(tmp_path, tiny_backbone):
+    """Toy DG targets share relative paths, labels and names (only the pixels differ): the feature
+    cache must tell them apart by where the files are and what they contain."""
+    import shutil
+
+    import torch
+    from PIL import Image, ImageOps
+
+    from benchsuite.data.datum import fingerprint
+    from benchsuite.data.registry import load_dataset
+    from benchsuite.engine.feature_cache import FeatureCache
+    from benchsuite.engine.runner import Runner
+    from benchsuite.methods import get_method
+
+    first = make_data_root(tmp_path / "a", ["oxford_pets"])
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+    for path in (second / "oxford_pets" / "images").rglob("*.jpg"):
+        ImageOps.invert(Image.open(path).convert("RGB")).save(path)
+    runner = Runner(tiny_backbone, first, tmp_path / "r", manifests_root=tmp_path / "m",
+                    feature_cache=FeatureCache(tmp_path / "cache"), echo=lambda *_: None)
+    entry = get_method("zeroshot_clip")
+    features, states = [], []
+    for root in (first, second):
+        split = load_dataset("oxford_pets", root)
+        fp = fingerprint(split.test, split.root)
+        batches, state = runner._eval_batches(entry, split.test, fp, 100, "test")
+        features.append(torch.cat([b.image_features for b in batches()]))
+        states.append(state)
+    assert fingerprint(load_dataset("oxford_pets", first).test, str(first / "oxford_pets" / "images")) == \
+        fingerprint(load_dataset("oxford_pets", second).test, str(second / "oxford_pets" / "images"))
+    assert states == ["miss", "miss"]
+    assert not torch.allclose(features[0], features[1])

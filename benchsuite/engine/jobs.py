@@ -44,11 +44,12 @@ class Job:
         return f"{self.protocol.id}/{self.method}/{self.dataset}/{self.shots}shot/seed{self.seed}"
 
 
-def job_id(job: Job, config_hash: str, backbone: dict[str, Any]) -> str:
-    """Identity of a job's result: everything that must match for a result to be reused."""
+def job_id(job: Job, config_hash: str, backbone: dict[str, Any], data: str) -> str:
+    """Identity of a job's result: everything that must match for a result to be reused, including
+    `data`, a digest of the split lists of every dataset the job reads (changed data, new job)."""
     key = {
         "protocol": job.protocol.ref(), "method": job.method, "config_hash": config_hash,
-        "dataset": job.dataset, "shots": job.shots, "seed": job.seed,
+        "dataset": job.dataset, "shots": job.shots, "seed": job.seed, "data": data,
         "backbone": {k: backbone[k] for k in ("model", "pretrained", "weights_sha256", "precision")},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

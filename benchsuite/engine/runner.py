@@ -8,6 +8,7 @@ evaluate every evaluation set, and write the result atomically.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import resource
 import subprocess
@@ -113,7 +114,8 @@ class Runner:
         self.allow_model_selection = allow_model_selection
         self.echo = echo
         self._splits: dict[str, DatasetSplits] = {}
-        self._signatures: dict[str, str] = {}  # test-data fingerprint -> files_signature
+        self._signatures: dict[tuple[str, str], str] = {}  # (first file, fingerprint) -> files_signature
+        self._data_prints: dict[str, str] = {}  # dataset name -> fingerprints of its split lists
         self._env = environment()
 
     # ---- data -------------------------------------------------------------------------------
@@ -121,6 +123,15 @@ class Runner:
         if name not in self._splits:
             self._splits[name] = load_dataset(name, self.data_root)
         return self._splits[name]
+
+    def data_identity(self, job: Job) -> str:
+        """Digest of the train/val/test lists of every dataset the job reads (memoised per run)."""
+        names = sorted({job.dataset, *(ev.dataset for ev in job.evals())})
+        for name in names:
+            if name not in self._data_prints:
+                s = self.splits(name)
+                self._data_prints[name] = "/".join(fingerprint(part, s.root) for part in (s.train, s.val, s.test))
+        return hashlib.sha256("|".join(f"{n}={self._data_prints[n]}" for n in names).encode()).hexdigest()
 
     def preflight(self, jobs: list[Job]) -> None:
         """Read every dataset the grid needs before any training, so a bad path fails at once."""
@@ -194,7 +205,7 @@ class Runner:
                                 f"epochs but the method does not implement the hook {missing[0]!r}")
         chash = config_hash(job.method, recipe)
         backbone = self.backbone_record()
-        jid = job_id(job, chash, backbone)
+        jid = job_id(job, chash, backbone, self.data_identity(job))
         path = self.store.path_for(job.protocol.id, job.method, job.dataset, jid)
         if self.store.existing(path, jid) is not None:
             self.echo(f"{prefix}: result exists, skipped ({path})")
@@ -312,9 +323,12 @@ class Runner:
         held: list = []
         key, state = None, "off"
         if self.feature_cache is not None:
-            if fp not in self._signatures:  # stat every test image once per run, not once per job
-                self._signatures[fp] = files_signature(items)
-            key = feature_key(b.model_name, b.weights_sha256, fp + self._signatures[fp], describe(transform),
+            # stat every test image once per run, not once per job; keyed by where the files are too,
+            # since two datasets can share relative paths, labels and names (toy DG sets do)
+            where = (items[0].impath if items else "", fp)
+            if where not in self._signatures:
+                self._signatures[where] = files_signature(items)
+            key = feature_key(b.model_name, b.weights_sha256, fp + self._signatures[where], describe(transform),
                               b.precision)
             cached = self.feature_cache.get(key)
             if cached is not None:
