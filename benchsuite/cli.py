@@ -68,8 +68,16 @@ def _resolve_world(args: argparse.Namespace):
     return protocol, Path(args.data_root), args.backbone or "ViT-B-16", args.pretrained or "openai"
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _load_backbone(args: argparse.Namespace, model: str, pretrained: str):
+    """The backbone on --device (auto: CUDA if present) in --precision (default amp on CUDA, fp32 on CPU)."""
     from .clip.backbone import default_precision, load_backbone, resolve_device
+
+    device = resolve_device(args.device)
+    return load_backbone(model, pretrained, precision=args.precision or default_precision(device), device=device,
+                         cache_dir=args.model_cache)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from .data.loaders import PRELOAD_BUDGET
     from .engine.feature_cache import FeatureCache
     from .engine.jobs import expand_grid
@@ -81,11 +89,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     protocol, data_root, model, pretrained = _resolve_world(args)
     methods = sorted(discover()) if not args.method or args.method == ["all"] else args.method
     jobs = expand_grid(protocol, methods, args.dataset, args.seeds, args.shots)
-    device = resolve_device(args.device)
-    precision = args.precision or default_precision(device)
-    print(f"benchsuite: {len(jobs)} job(s) of {protocol.id} v{protocol.version} on {model}/{pretrained} "
-          f"({precision}, {device}); data {data_root}", flush=True)
-    backbone = load_backbone(model, pretrained, precision=precision, device=device, cache_dir=args.model_cache)
+    print(f"benchsuite: {len(jobs)} job(s) of {protocol.id} v{protocol.version} on {model}/{pretrained}; "
+          f"data {data_root}", flush=True)
+    backbone = _load_backbone(args, model, pretrained)
+    print(f"benchsuite: {backbone.precision} on {backbone.device}", flush=True)
     backbone.truncate_text = not args.no_text_truncation
     results = Path(args.results)
     cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
@@ -107,11 +114,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from .bench import format_report, run_bench
-    from .clip.backbone import default_precision, load_backbone, resolve_device
 
-    device = resolve_device(args.device)
-    backbone = load_backbone(args.backbone, args.pretrained, precision=args.precision or default_precision(device),
-                             device=device, cache_dir=args.model_cache)
+    backbone = _load_backbone(args, args.backbone, args.pretrained)
     report = run_bench(backbone, args.method, args.protocol, warmup=args.warmup, iters=args.iters,
                        eval_images=args.eval_images, workers=args.workers)
     print(format_report(report))
@@ -126,7 +130,8 @@ def _cmd_toy_pretrain(args: argparse.Namespace) -> int:
 
     from .toy.pretrain import HERE, PretrainSettings, pretrain
 
-    settings = PretrainSettings(seed=args.seed, pairs=args.pairs, steps=args.steps, batch_size=args.batch_size)
+    given = {"seed": args.seed, "pairs": args.pairs, "steps": args.steps, "batch_size": args.batch_size}
+    settings = PretrainSettings(**{k: v for k, v in given.items() if v is not None})
     card = pretrain(settings, Path(args.out) if args.out else HERE)
     print(json.dumps(card["zero_shot"], indent=2))
     return 0
@@ -233,14 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=_cmd_bench)
 
-    from .toy.pretrain import PretrainSettings
-
-    d = PretrainSettings()
     p = sub.add_parser("toy-pretrain", help="pretrain the small CLIP shipped with benchsuite on the toy world")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--pairs", type=int, default=d.pairs, help="captioned images rendered for pretraining")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, help="default: PretrainSettings in benchsuite/toy/pretrain.py (0)")
+    p.add_argument("--pairs", type=int, help="captioned images rendered for pretraining (default 40000)")
+    p.add_argument("--steps", type=int, help="default 1500")
+    p.add_argument("--batch-size", type=int, help="default 256")
     p.add_argument("--out", help="output folder (default: the package's benchsuite/toy, replacing the shipped model)")
     p.set_defaults(func=_cmd_toy_pretrain)
 

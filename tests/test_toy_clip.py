@@ -60,3 +60,14 @@ def test_embedded_default_runs_end_to_end(tmp_path, toy_root, capsys, monkeypatc
     assert result["job"]["protocol"]["id"] == "toy_base2new"
     n_base = math.ceil(len(toy_classnames("toy_shapes")) / 2)
     assert result["data"]["evals"]["base"]["n_classes"] == n_base
+
+
+def test_toy_pretrain_help_states_the_real_defaults(capsys):
+    from benchsuite.toy.pretrain import PretrainSettings
+
+    with pytest.raises(SystemExit):
+        main(["toy-pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    d = PretrainSettings()
+    for value in (f"({d.seed})", f"default {d.pairs}", f"default {d.steps}", f"default {d.batch_size}"):
+        assert value in text, value
