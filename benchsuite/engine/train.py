@@ -92,7 +92,7 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
             group["lr"] = lr
         module.train()
         losses: list[torch.Tensor] = []
-        for step, (images, labels, *views) in enumerate(loader):
+        for images, labels, *views in loader:
             outputs = train_step(pm, method, module, optimizer, backbone, images, labels,
                                  views[0] if views else [], frozen_image_encoder, epoch)
             losses.append(outputs["loss"].detach().float())
