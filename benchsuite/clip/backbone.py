@@ -125,8 +125,43 @@ class Backbone:
 
     @property
     def embed_dim(self) -> int:
+        """Width of the joint image-text space (text and image features)."""
         proj = self.model.text_projection
         return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    # ---- shape facts: what prompt shapes and depths fit this model ---------------------------
+    @property
+    def text_layers(self) -> int:
+        return len(self.model.transformer.resblocks)
+
+    @property
+    def text_context_length(self) -> int:
+        return int(self.model.positional_embedding.shape[0])
+
+    def _vit(self) -> nn.Module:
+        visual = self.model.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+            raise BackboneError(f"{self.model_name}: the image tower is not a ViT ({type(visual).__name__}); "
+                                f"vision prompts need an open_clip VisionTransformer")
+        return visual
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self._vit().transformer.resblocks)
+
+    @property
+    def vision_width(self) -> int:
+        return int(self._vit().conv1.out_channels)
+
+    @property
+    def image_size(self) -> int:
+        return self.image_spec.size
+
+    @property
+    def patch_count(self) -> int:
+        """Patch tokens of one image, without the class token (196 for ViT-B/16 at 224)."""
+        grid = self._vit().grid_size
+        return int(grid[0] * grid[1])
 
     def autocast(self):
         """The compute context for every forward of this run (a no-op except for amp)."""
