@@ -74,7 +74,7 @@ def feature_key(model: str, weights_sha256: str, fingerprint: str, transform: st
 def _describe(array: np.ndarray) -> dict[str, Any]:
     """What a read must find again: shape, dtype and a checksum of the raw bytes."""
     data = np.ascontiguousarray(array)
-    return {"shape": list(data.shape), "dtype": data.dtype.str, "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+    return {"shape": list(data.shape), "dtype": data.dtype.str, "sha256": hashlib.sha256(data.data).hexdigest()}
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
