@@ -142,7 +142,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     cache = FeatureCache(args.feature_cache)
     if cache.root.is_dir() and not cache.is_cache_root():
-        print(f"{cache.root} is not a benchsuite feature cache (no {MARKER} file): nothing listed or removed")
+        print(f"{cache.root} is not a benchsuite feature cache (no {MARKER} file): nothing listed or removed; "
+              f"a cache written before this marker existed can be deleted by hand")
         return 0
     if args.action == "clear":
         print(f"removed {cache.clear()} cached feature set(s) from {cache.root}")
