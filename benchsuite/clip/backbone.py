@@ -145,7 +145,8 @@ def _create(model_name: str, pretrained: str, cache_dir: str | None) -> tuple[nn
         raise BackboneError(f"{model_name!r} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}; "
                             f"or pass a local checkpoint file, or 'none' for random weights")
     try:
-        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir), pretrained
+        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir,
+                                      **_weights_only_kwargs()), pretrained
     except Exception as exc:
         raise BackboneError(
             f"could not obtain weights {model_name}/{pretrained}: {exc}. Without network, download the "
