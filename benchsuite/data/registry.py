@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..suggest import unknown
 from . import readers
 from .datum import DatasetSplits
 
@@ -45,7 +46,7 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise DatasetError(unknown("dataset", name, DATASETS) + " (`benchsuite list datasets`)") from None
 
 
 def load_dataset(name: str, data_root: Path) -> DatasetSplits:
