@@ -90,17 +90,15 @@ def validate_overrides(overrides: Overrides, recipes: dict[str, list[dict[str, A
 
     `recipes` maps each method of the run to the resolved recipes of its jobs. A qualified key
     (`coop.n_ctx`) must exist in that method's recipe; an unqualified key applies to every method
-    that trains and must exist in each of their recipes. Values are typed like the default.
+    that trains and must exist in each of their recipes (in a run where no method trains, it changes
+    nothing but is still checked against every recipe). Values are typed like the default.
     Returns the overrides with values converted (an int given for a float setting becomes a float).
     """
     out: Overrides = {}
     for method, entries in overrides.items():
-        if method is None:
-            targets = sorted(m for m, rs in recipes.items() if any(r.get("epochs", 0) > 0 for r in rs))
-            if not targets:
-                names = ", ".join(sorted(entries))
-                raise BenchsuiteError(f"--set {names}: no method of this run trains, so an unqualified setting "
-                                      f"changes nothing; qualify it as METHOD.KEY=VALUE")
+        if method is None:  # checked against the methods it applies to (those that train), else all
+            trained = sorted(m for m, rs in recipes.items() if any(r.get("epochs", 0) > 0 for r in rs))
+            targets = trained or sorted(recipes)
         elif method not in recipes:
             raise BenchsuiteError(f"--set {method}.{next(iter(entries))}: method {method!r} is not part of this run"
                                   f"{did_you_mean(method, recipes)}; methods in this run: {', '.join(sorted(recipes))}")
