@@ -18,7 +18,7 @@ from ..data.fewshot import sample_fewshot
 from ..data.images import check_images
 from ..data.registry import get_dataset, load_dataset
 from ..errors import BenchsuiteError, DatasetError
-from ..methods import discover, job_manager
+from .. import methods as registry  # looked up per call: tests and tools may replace discover()
 from ..suggest import unknown
 from ..tempfiles import sweep_orphans, temp_path
 from .jobs import Job
@@ -46,7 +46,7 @@ def check_device(name: str) -> None:
 
 def check_methods(names: list[str]) -> list[str]:
     """The installed methods asked for (`all` or none: every one), or one error with a suggestion."""
-    installed = discover()
+    installed = registry.discover()
     if not names or names == ["all"]:
         return sorted(installed)
     for name in names:
@@ -82,7 +82,7 @@ def resolved_recipes(jobs: list[Job]) -> dict[str, list[dict[str, Any]]]:
             continue
         seen.add((job.method, job.dataset, job.shots))
         if job.method not in managers:
-            managers[job.method] = job_manager(discover()[job.method])[0]
+            managers[job.method] = registry.job_manager(registry.get_method(job.method))[0]
         raw = managers[job.method].hook.recipe(protocol=job.protocol, dataset=job.dataset, shots=job.shots)
         recipe, _ = resolve_recipe(job.method, raw, job.protocol.profile, {})
         out.setdefault(job.method, []).append(recipe)
