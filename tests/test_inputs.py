@@ -161,7 +161,8 @@ def test_damaged_images_are_named_with_their_split_entry_before_training(tmp_pat
     code, out, err = run_quiet(_replace(_argv(pets_root, tmp_path), "--data-root", str(root)))
     line = _one_error(code, out, err)
     assert str(truncated) in line and "test[3]" in line and split["test"][3][0] in line, line
-    assert "1 more" in line  # the missing one is counted too
+    assert "1 more" in line  # the missing one is counted too, and listed
+    assert any(str(missing) in l and "test[5]" in l and "missing" in l for l in err.splitlines()), err
 
 
 def test_a_damaged_image_read_during_training_is_named(tmp_path, pets_root):

@@ -8,6 +8,7 @@ keys and values, dataset layouts, image files; only then the backbone.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,8 @@ def preflight(jobs: list[Job], data_root: Path, results: Path, overrides: Overri
         checked = len({path for _, _, path in entries})
         problems = check_images(entries)
         if problems:
+            for line in problems[1:21]:  # the error names the first; list the next ones too
+                print(f"  also: {line}", file=sys.stderr)
             more = f" (and {len(problems) - 1} more image problem(s))" if len(problems) > 1 else ""
             raise DatasetError(problems[0] + more)
     return Preflight(typed, splits, checked, removed)
