@@ -75,6 +75,7 @@ SET_CASES = {
     "coop.csc=3": ["coop.csc=3", "true or false"],
     "kgcoop.w=8": ["'kgcoop'", "not part of this run"],
     "coopp.n_ctx=4": ["did you mean 'coop'"],
+    "coop.=4": ["non-empty key"],
 }
 
 

@@ -36,6 +36,8 @@ def parse_overrides(pairs: list[str]) -> Overrides:
             raise BenchsuiteError(f"--set expects key=value or method.key=value, got {pair!r}")
         key, raw = (part.strip() for part in pair.split("=", 1))
         method, _, name = key.rpartition(".")
+        if not name or (_ and not method):
+            raise BenchsuiteError(f"--set {pair}: expected key=value or method.key=value with a non-empty key")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
