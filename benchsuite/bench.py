@@ -99,7 +99,8 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
     pm, _ = job_manager(entry)
     shots = max(protocol.shots)
     recipe, _ = resolve_recipe(method, pm.hook.recipe(protocol=protocol, dataset=dataset, shots=shots),
-                               protocol.profile, {})
+                               protocol.profile, {}, epoch_settings=tuple(entry.cls.epoch_settings),
+                               image_input=entry.cls.image_input)
     classnames = CALTECH101[: math.ceil(len(CALTECH101) / 2)] if protocol.task == "base2new" else CALTECH101
     device = backbone.device
     torch.manual_seed(seed)
@@ -110,7 +111,8 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
     size = backbone.image_spec.size
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, len(classnames), (batch,), device=device)
-    frozen = entry.cls.frozen_image_encoder
+    image_input = recipe["image_input"]
+    frozen = image_input == "features"
     n_views = len(pm.hook.train_views(image_spec=backbone.image_spec) or [])
     views = [torch.randn_like(images) for _ in range(n_views)]
     if device.type == "cuda":
@@ -131,7 +133,7 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
         def step(truncated: bool) -> Callable[[], Any]:
             def run() -> Any:
                 backbone.truncate_text = truncated
-                return train_step(pm, method, module, optimizer, backbone, images, labels, views, frozen, 0)
+                return train_step(pm, method, module, optimizer, backbone, images, labels, views, image_input, 0)
             return run
 
         try:

@@ -19,8 +19,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from .methods import discover
 
         rows = [(e.name, e.source if e.source == "builtin" else f"{e.source} {e.version}", e.entry_point,
-                 "yes" if e.cls.frozen_image_encoder else "no", e.cls.summary) for e in discover().values()]
-        print(tabulate(rows, headers=["method", "from", "entry point", "frozen image encoder", "summary"]))
+                 e.cls.image_input, e.cls.summary) for e in discover().values()]
+        print(tabulate(rows, headers=["method", "from", "entry point", "image input", "summary"]))
     elif args.what == "protocols":
         from .protocols import all_protocols
 
@@ -99,7 +99,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(backbone, data_root, results, manifests_root=results / "_manifests",
                     overrides=parse_overrides(args.set or []), workers=args.workers, feature_cache=cache,
                     preload_budget=0 if args.no_preload else PRELOAD_BUDGET,
-                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection)
+                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection,
+                    fail_fast=args.fail_fast)
     summary = runner.run(jobs)
     print(f"benchsuite: {len(summary.written)} written, {len(summary.skipped)} skipped, "
           f"{len(summary.failed)} failed; results in {results}")
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild the classifier (class text features) before every test batch")
     p.add_argument("--no-preload", action="store_true",
                    help="decode training images from disk at every step instead of once per job")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first failing job (default: log its traceback under RESULTS/_logs/, run the "
+                        "other jobs, exit 1 with a summary)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="time a method's training step and evaluation against the image-encoder floor")

@@ -29,7 +29,7 @@ class TextResidual(nn.Module):
 class OotLinear(Method):
     name = "oot_linear"
     summary = "Out-of-tree example: linear residual on zero-shot text features + temperature"
-    frozen_image_encoder = True
+    image_input = "features"
 
     def __init__(self) -> None:
         self.backbone = None
