@@ -32,7 +32,8 @@ def tail_rule(n: int, batch_size: int, drop_last: bool, min_batch_size: int) -> 
     if rest and not (drop_last and full >= 1):
         sizes.append(rest)
     if len(sizes) > 1 and sizes[-1] < min_batch_size:
-        sizes[-2] += sizes.pop()
+        tail = sizes.pop()
+        sizes[-1] += tail
     return sizes
 
 
