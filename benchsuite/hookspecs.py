@@ -217,6 +217,10 @@ class MethodSpec:
         prefix/suffix embeddings) as non-persistent buffers: they are rebuilt by
         :func:`prepare_eval` for every evaluation class set and must not be saved.
         Frozen teachers (zero-shot text features, a frozen image encoder) are built here too.
+
+        Before a training, setup also runs once on a separate instance of the method for the
+        one-batch check (random generators are restored afterwards): keep all state on the
+        instance or in the returned module, and never modify the shared ``ctx.backbone``.
         """
 
     @hookspec(firstresult=True)
