@@ -480,3 +480,17 @@ def test_loss_parts_per_epoch_and_cpu_time_are_recorded(tmp_path, tiny_backbone,
     assert result["training"]["skipped_steps"] == 0
     assert result["timing"]["train_cpu_seconds"] > 0 and result["timing"]["eval_cpu_seconds"] > 0
     assert validate_result(result) == []
+
+
+def test_a_refused_recipe_stops_the_grid_before_any_job(tmp_path, tiny_checkpoint, data_root, capsys):
+    from benchsuite.cli import main
+
+    results = tmp_path / "results"
+    code = main(["run", "--protocol", "base2new", "--method", "zeroshot_clip", "coop", "--dataset", "eurosat",
+                 "--seeds", "1", "--backbone", "bs-tiny-test", "--pretrained", str(tiny_checkpoint),
+                 "--data-root", str(data_root), "--results", str(results), "--feature-cache",
+                 str(tmp_path / "features"), "--set", "epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "warmup_epochs=1 is not shorter than epochs=1" in err and len(err.strip().splitlines()) == 1, err
+    assert not (results / "base2new").exists()  # not even the zero-shot job ran

@@ -140,12 +140,22 @@ class Runner:
         return hashlib.sha256("|".join(f"{n}={self._data_prints[n]}" for n in names).encode()).hexdigest()
 
     def preflight(self, jobs: list[Job]) -> None:
-        """Read every dataset the grid needs before any training, so a bad path fails at once."""
+        """Read every dataset the grid needs and resolve every job's recipe before any training, so a
+        bad path, a bad --set value or a refused model selection fails at once, not after hours."""
         for job in jobs:
             self.splits(job.dataset)
             for ev in job.evals():
                 self.splits(ev.dataset)
             get_method(job.method)
+        for job in jobs:
+            try:
+                self._plan(job)
+            except ContractError:  # a method bug: that job fails when it runs, the grid goes on
+                pass
+            except BenchsuiteError:  # the user's settings: nothing of the grid can run as asked
+                raise
+            except Exception:  # a method bug in its recipe hook: as a contract error
+                pass
 
     def fewshot(self, job: Job) -> tuple[FewShotSplit, str]:
         split = sample_fewshot(self.splits(job.dataset), job.shots, job.seed,
@@ -208,7 +218,8 @@ class Runner:
             self.echo(f"benchsuite: could not write the failure log {path}: {exc}")
         return path
 
-    def run_job(self, job: Job, *, prefix: str = "") -> Path | None:
+    def _plan(self, job: Job):
+        """The job's method, plugin manager, resolved recipe, user overrides and profile epoch scale."""
         entry = get_method(job.method)
         pm, method = job_manager(entry)
         default = pm.hook.recipe(protocol=job.protocol, dataset=job.dataset, shots=job.shots)
@@ -227,6 +238,10 @@ class Runner:
                     f"{job.protocol.id!r} evaluates the {job.protocol.spec['model_selection']} model. Pass "
                     f"--allow-model-selection to run it anyway; its results are marked off-protocol and the "
                     f"leaderboard refuses them")
+        return entry, pm, method, recipe, overrides, epoch_scale
+
+    def run_job(self, job: Job, *, prefix: str = "") -> Path | None:
+        entry, pm, method, recipe, overrides, epoch_scale = self._plan(job)
         missing = [hook for hook in TRAINING_HOOKS if not implements(pm, method, hook)]
         if recipe["epochs"] > 0 and missing:
             raise ContractError(f"method {job.method!r} ({entry.source}): the recipe trains for {recipe['epochs']} "
