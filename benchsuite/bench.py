@@ -25,7 +25,7 @@ from .clip.backbone import Backbone
 from .data import loaders
 from .data.datum import Datum
 from .data.transforms import train_transform
-from .engine.recipe import resolve_recipe
+from .engine.recipe import declarations, resolve_recipe
 from .engine.runner import _peak_memory
 from .engine.evaluate import compute_features, evaluate, feature_batches, image_batches
 from .engine.train import make_optimizer, train_step
@@ -145,7 +145,7 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
     pm, _ = job_manager(entry)
     shots = max(protocol.shots)
     recipe, _ = resolve_recipe(method, pm.hook.recipe(protocol=protocol, dataset=dataset, shots=shots),
-                               protocol.profile, {})
+                               protocol.profile, {}, **declarations(entry.cls))
     classnames = CALTECH101[: math.ceil(len(CALTECH101) / 2)] if protocol.task == "base2new" else CALTECH101
     device = backbone.device
     torch.manual_seed(seed)
@@ -156,7 +156,8 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
     size = backbone.image_spec.size
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, len(classnames), (batch,), device=device)
-    frozen = entry.cls.frozen_image_encoder
+    image_input = recipe["image_input"]
+    frozen = image_input == "features"
     n_views = len(pm.hook.train_views(image_spec=backbone.image_spec) or [])
     views = [torch.randn_like(images) for _ in range(n_views)]
     if device.type == "cuda":
@@ -177,7 +178,7 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
         def step(truncated: bool) -> Callable[[], Any]:
             def run() -> Any:
                 backbone.truncate_text = truncated
-                return train_step(pm, method, module, optimizer, backbone, images, labels, views, frozen, 0)
+                return train_step(pm, method, module, optimizer, backbone, images, labels, views, image_input, 0)
             return run
 
         try:

@@ -22,8 +22,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from .methods import discover
 
         rows = [(e.name, e.source if e.source == "builtin" else f"{e.source} {e.version}", e.entry_point,
-                 "yes" if e.cls.frozen_image_encoder else "no", e.cls.summary) for e in discover().values()]
-        print(tabulate(rows, headers=["method", "from", "entry point", "frozen image encoder", "summary"]))
+                 e.cls.image_input, e.cls.summary) for e in discover().values()]
+        print(tabulate(rows, headers=["method", "from", "entry point", "image input", "summary"]))
     elif args.what == "protocols":
         from .protocols import all_protocols, pin_matches
 
@@ -120,7 +120,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(backbone, data_root, results, manifests_root=results / "_manifests",
                     overrides=checked.overrides, workers=args.workers, feature_cache=cache,
                     preload_budget=0 if args.no_preload else PRELOAD_BUDGET,
-                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection)
+                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection,
+                    fail_fast=args.fail_fast)
     runner._splits.update(checked.splits)  # the datasets the preflight read, not read twice
     summary = runner.run(jobs)
     computed, reused = len(summary.written), len(summary.skipped)
@@ -255,6 +256,9 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
                    help="decode training images from disk at every step instead of once per job")
     p.add_argument("--no-image-check", action="store_true",
                    help="skip the check, before any training, that every image the grid reads opens and is complete")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first failing job (default: log its traceback under RESULTS/_logs/, run the "
+                        "other jobs, exit 1 with a summary)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="time a method's training step and evaluation against the image-encoder floor")

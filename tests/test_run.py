@@ -496,7 +496,7 @@ def test_test_sets_with_the_same_relative_layout_never_share_cached_features(tmp
     for root in (first, second):
         split = load_dataset("oxford_pets", root)
         fp = fingerprint(split.test, split.root)
-        batches, state = runner._eval_batches(entry, split.test, fp, 100, "test")
+        batches, state = runner._eval_batches(entry.cls.image_input, split.test, fp, 100, "test")
         features.append(torch.cat([b.image_features for b in batches()]))
         states.append(state)
     assert fingerprint(load_dataset("oxford_pets", first).test, str(first / "oxford_pets" / "images")) == \

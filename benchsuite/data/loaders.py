@@ -7,6 +7,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DatasetError
+from .batching import TrainBatchSampler
 from .datum import Datum
 
 #: decoded training images kept in memory per job (bytes); 0 decodes from disk at every access
@@ -63,11 +64,15 @@ class ImageList(Dataset):
 
 
 def train_loader(items: list[Datum], transform, batch_size: int, *, workers: int, pin_memory: bool,
-                 views: list = (), preload_budget: int = PRELOAD_BUDGET) -> DataLoader:
-    """Shuffled each epoch from torch's seeded RNG. Dassl sets drop_last when len >= batch size,
-    which silently discards up to batch_size-1 few-shot samples per epoch; we keep them all."""
-    return DataLoader(ImageList(items, transform, views, preload_budget), batch_size=batch_size, shuffle=True, drop_last=False,
-                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+                 views: list = (), preload_budget: int = PRELOAD_BUDGET, drop_last: bool = False,
+                 min_batch_size: int = 1) -> DataLoader:
+    """Shuffled each epoch from torch's seeded RNG. By default every sample is used (Dassl sets
+    drop_last when len >= batch size, which silently discards up to batch_size-1 few-shot samples
+    per epoch; a recipe opts in with `drop_last`); see `batching.tail_rule` for `min_batch_size`."""
+    dataset = ImageList(items, transform, views, preload_budget)
+    sampler = TrainBatchSampler(dataset, batch_size, drop_last=drop_last, min_batch_size=min_batch_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)
 
 
 def eval_loader(items: list[Datum], transform, batch_size: int, *, workers: int, pin_memory: bool) -> DataLoader:

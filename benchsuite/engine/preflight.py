@@ -23,7 +23,7 @@ from .. import methods as registry  # looked up per call: tests and tools may re
 from ..suggest import unknown
 from ..tempfiles import sweep_orphans, temp_path
 from .jobs import Job
-from .recipe import Overrides, resolve_recipe, validate_overrides
+from .recipe import Overrides, declarations, resolve_recipe, validate_overrides
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -85,7 +85,8 @@ def resolved_recipes(jobs: list[Job]) -> dict[str, list[dict[str, Any]]]:
         if job.method not in managers:
             managers[job.method] = registry.job_manager(registry.get_method(job.method))[0]
         raw = managers[job.method].hook.recipe(protocol=job.protocol, dataset=job.dataset, shots=job.shots)
-        recipe, _ = resolve_recipe(job.method, raw, job.protocol.profile, {})
+        recipe, _ = resolve_recipe(job.method, raw, job.protocol.profile, {},
+                                   **declarations(registry.get_method(job.method).cls))
         out.setdefault(job.method, []).append(recipe)
     return out
 
