@@ -66,11 +66,22 @@ class Method:
         features itself and passes them as ``batch.image_features`` (and may cache them across
         methods and seeds). False for methods that prompt or tune the image encoder (IVLP, MaPLe,
         PromptSRC, GOPro): they receive ``batch.images`` and call ``ctx.backbone.encode_image``.
+    extra_knowledge:
+        What the method uses beyond the protocol's labelled few-shot images and the backbone, in a
+        few words each, e.g. ``("larger teacher (ViT-L/14)",)``, ``("LLM class descriptions",)``,
+        ``("unlabeled test-class images",)`` (PromptKD). Empty (the default) for methods that use
+        nothing else. Recorded in every result and shown in the leaderboard, so such rows are never
+        ranked silently against methods without it.
+    transductive:
+        True when the method sees test images (labelled or not) before predicting, beyond one
+        image at a time; recorded and shown like ``extra_knowledge``.
     """
 
     name: str = ""
     summary: str = ""
     frozen_image_encoder: bool = True
+    extra_knowledge: tuple[str, ...] = ()
+    transductive: bool = False
 
 
 @dataclass

@@ -8,7 +8,7 @@ the others. Feature computation happens inside the timed region, so images/s sta
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import pluggy
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..errors import ContractError
 from ..hookspecs import EvalBatch
+from ..report.calibration import CalibrationAccumulator
 
 
 @dataclass
@@ -25,6 +26,7 @@ class EvalResult:
     correct: int
     total: int
     seconds: float
+    calibration: dict = field(default_factory=dict)  #: `ece` and `per_class_accuracy` (report.calibration)
 
     @property
     def accuracy(self) -> float:
@@ -70,6 +72,7 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
     with backbone.autocast():
         pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    calibration = CalibrationAccumulator(len(classnames), device)
     total = 0
     for batch in tqdm(batches, desc=progress or f"eval {dataset}", unit="batch", leave=False, disable=None):
         with backbone.autocast():
@@ -82,8 +85,10 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
             raise ContractError(f"method {method!r}, hook predict: expected logits of shape "
                                 f"({n}, {len(classnames)}), got {shape}")
         correct += (logits.argmax(dim=-1) == batch.labels).sum()
+        calibration.update(logits, batch.labels)
         total += n
     n_correct = int(correct)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return EvalResult(correct=n_correct, total=total, seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return EvalResult(correct=n_correct, total=total, seconds=seconds, calibration=calibration.summary())
