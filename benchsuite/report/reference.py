@@ -35,6 +35,7 @@ class Reference:
 
     method: str
     title: str
+    family: str
     protocol: str
     model: str
     pretrained: str
@@ -97,7 +98,7 @@ def problems(doc: Any) -> list[str]:
 
 def _rows(doc: dict[str, Any], file: str) -> list[Reference]:
     decl = doc["declarations"]
-    return [Reference(method=doc["method"], title=doc["title"], protocol=e["protocol"], model=e["backbone"]["model"],
+    return [Reference(method=doc["method"], title=doc["title"], family=doc["family"], protocol=e["protocol"], model=e["backbone"]["model"],
                       pretrained=e["backbone"]["pretrained"], shots=e["shots"], variant=e["variant"],
                       primary=e["primary"], seeds=e["seeds"], source=e["source"],
                       values={k: dict(v) for k, v in e["values"].items()}, unconfirmed=frozenset(e["unconfirmed"]),
