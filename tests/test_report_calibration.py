@@ -52,3 +52,23 @@ def test_schema_v2_requires_calibration_and_declarations_while_v1_stays_valid():
         m.update(ece=3.5, per_class_accuracy=[100.0, None, 0.0])
     new["method"].update(extra_knowledge=["LLM class descriptions"], transductive=False)
     assert validate_schema(new) == []
+
+
+def test_evaluate_records_ece_and_per_class_accuracy_over_its_batches():
+    import contextlib
+    from types import SimpleNamespace
+
+    from benchsuite.engine.evaluate import evaluate
+    from benchsuite.hookspecs import EvalBatch
+
+    logits = _logits([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    labels = torch.tensor([0, 1, 2, 2])
+    batches = [EvalBatch(labels=labels[:2], image_features=torch.zeros(2, 4)),
+               EvalBatch(labels=labels[2:], image_features=torch.zeros(2, 4))]
+    served = iter([logits[:2], logits[2:]])
+    hook = SimpleNamespace(prepare_eval=lambda **kw: None, predict=lambda batch: next(served))
+    backbone = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    res = evaluate(SimpleNamespace(hook=hook), "m", torch.nn.Linear(1, 1), batches, ["a", "b", "c"], "d", "{}", backbone)
+    assert (res.correct, res.total) == (2, 4)
+    assert res.calibration["ece"] == pytest.approx(40.0, abs=1e-4)
+    assert res.calibration["per_class_accuracy"] == [100.0, 0.0, 50.0]
