@@ -40,11 +40,14 @@ def _f(x: float) -> str:
 
 
 def _title(name: str) -> str:
-    try:
-        from ..data.registry import DATASETS
+    """Display title from the dataset registry (plugins included) when available, else the name."""
+    from ..errors import BenchsuiteError
 
-        return str(DATASETS[name].title)
-    except (ImportError, KeyError, AttributeError, TypeError):
+    try:
+        from ..data.registry import get_dataset
+
+        return str(get_dataset(name).title)
+    except (ImportError, KeyError, AttributeError, TypeError, BenchsuiteError):
         return name
 
 
