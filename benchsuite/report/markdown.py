@@ -150,17 +150,19 @@ def calibration_table(p: Protocol, rows: Sequence[Row]) -> str:
 
 def cost_values(row: Row) -> dict[str, object]:
     """A row's cost: trainable parameters, summed training time of the trainings it ran (a shared
-    training counts once), mean ms per training image and evaluation images/s, peak memory."""
+    training counts once, where it ran), mean ms per training image (a job reusing a shared training
+    carries that training's speed) and evaluation images/s, peak memory."""
     res = row.results
     params = sorted({r["method"]["trainable_params"] for r in res})
-    own = [r["timing"] for r in res if r["timing"]["train_shared_from"] is None and r["timing"]["train_images"] > 0]
+    trained = [r["timing"] for r in res if r["timing"]["train_images"] > 0]
+    own = [t for t in trained if t["train_shared_from"] is None]
     peak = max(r["timing"]["peak_memory_bytes"] for r in res)
     kinds = sorted({r["timing"]["peak_memory_kind"] for r in res})
     devices = sorted({r["backbone"].get("device_name") or r["backbone"]["device"] for r in res})
     return {
         "params": params,
         "train_seconds": sum(t["train_seconds"] for t in own),
-        "train_ms_per_image": statistics.fmean(t["train_ms_per_image"] for t in own) if own else None,
+        "train_ms_per_image": statistics.fmean(t["train_ms_per_image"] for t in trained) if trained else None,
         "eval_images_per_second": statistics.fmean(r["timing"]["eval_images_per_second"] for r in res),
         "peak_mib": peak / 2 ** 20, "peak_kind": kinds, "devices": devices,
     }

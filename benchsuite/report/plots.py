@@ -127,7 +127,8 @@ def _cost(p: Protocol, rows: Sequence[Row]) -> Plot | None:
     if not series:
         return None
     what = "HM" if p.task == "base2new" else "average accuracy"
-    return Plot(f"{p.id}-cost", p.id, "cost", f"{p.spec.get('title', p.id)}: {what} vs training cost",
+    shots = f" ({max(p.shots)} shots)" if len(p.shots) > 1 else ""
+    return Plot(f"{p.id}-cost", p.id, "cost", f"{p.spec.get('title', p.id)}: {what} vs training cost{shots}",
                 "Training cost (ms per training image; 0 = no training)", f"{what[0].upper()}{what[1:]} (%)",
                 [Panel("Average", series)], machine_dependent=["x"])
 
