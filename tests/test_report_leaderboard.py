@@ -52,7 +52,7 @@ def test_real_leaderboard_without_measured_rows_shows_the_reported_rows_apart():
 
 def test_delta_to_the_published_number_is_flagged_outside_the_seed_interval():
     md = _md(_coop_dtd(), references=load_references(REFERENCE))
-    line = next(l for l in md.splitlines() if l.startswith("| coop − CoOp (CoCoOp's run)"))
+    line = next(l for l in md.splitlines() if l.startswith("| coop − CoOp (CoCoOp&#39;s run)"))
     # base: mean 79.50, seeds span [79.0, 80.0] which holds 79.44 -> +0.06, no flag
     # new: mean 51.00, span [50, 52], 41.18 outside -> +9.82 flagged
     # HM of the means 2*79.5*51/130.5 = 62.138 vs 54.24 -> +7.90, outside the per-seed span -> flagged
@@ -60,12 +60,20 @@ def test_delta_to_the_published_number_is_flagged_outside_the_seed_interval():
     assert line.rstrip(" |").endswith("–")  # the Average needs all 11 datasets
 
 
+def test_user_strings_are_escaped_in_the_report_tables():
+    results = [_v2(make_result("base2new", "coop", "dtd", 1, metrics={"base": 70.0, "new": 60.0},
+                               backbone__device_name="<img src=x>|cpu"))]
+    md = _md(results, options=Options(cost=True))
+    cost = md.split("#### Cost")[1]
+    assert "<img" not in cost and "&lt;img src=x&gt;\\|cpu" in cost
+
+
 def test_std_calibration_cost_and_declarations():
     results = _coop_dtd()
     results.append(_v2(make_result("base2new", "llmprompt", "dtd", 1, metrics={"base": 70.0, "new": 70.0},
                                    timing__train_shared_from="f" * 64), extra=["LLM class descriptions"]))
     md = _md(results, options=Options(std=True, calibration=True, cost=True))
-    assert "| llmprompt [extra knowledge: LLM class descriptions] |" in md
+    assert "| llmprompt \\[extra knowledge: LLM class descriptions\\] |" in md  # escaped like every label
     stats = next(l for l in md.splitlines() if l.startswith("| coop ") and "±" in l)
     assert "79.50 ± 0.50 / 51.00 ± 1.00 /" in stats  # sample std of (79, 79.5, 80) and (50, 51, 52)
     calib = [l for l in md.split("#### Calibration")[1].splitlines() if l.startswith("| coop ")][0]

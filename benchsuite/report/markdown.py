@@ -51,7 +51,21 @@ def _title(name: str) -> str:
         return name
 
 
+class _Escaped(str):
+    """Text already escaped for a markdown cell."""
+
+
+def _user(text: str) -> _Escaped:
+    """A string from a result file (a row label, a device name), escaped like the leaderboard's own
+    cells: no HTML, links, code spans or table breaks."""
+    from ..leaderboard import _cell_text  # lazy: the leaderboard imports this module
+
+    return _Escaped(_cell_text(text))
+
+
 def _esc(text: str) -> str:
+    if isinstance(text, _Escaped):
+        return text
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
@@ -105,7 +119,7 @@ def _interval_cell(p: Protocol, values: dict[str, float] | None, ci: dict[str, t
 
 
 def std_table(p: Protocol, rows: Sequence[Row]) -> str:
-    body = [[r.label, *(_std_cell(r, n) for n in r.names), _interval_cell(p, r.average(), r.average_interval())]
+    body = [[_user(r.label), *(_std_cell(r, n) for n in r.names), _interval_cell(p, r.average(), r.average_interval())]
             for r in rows]
     return _table(_headers(p, "Method", rows[0].names), body)
 
@@ -130,7 +144,7 @@ def delta_table(p: Protocol, rows: Sequence[Row], refs: Sequence[Reference]) -> 
         if ref is None:
             continue
         cells = [_delta(p, r.cell(n), r.cell_interval(n), ref.values.get(n)) for n in r.names]
-        body.append([f"{r.label} − {ref.label}", *cells, _delta(p, r.average(), r.average_interval(), ref.values["average"])])
+        body.append([_user(f"{r.label} − {ref.label}"), *cells, _delta(p, r.average(), r.average_interval(), ref.values["average"])])
     return _table(_headers(p, "Measured − reported", rows[0].names), body) if body else None
 
 
@@ -144,7 +158,7 @@ def calibration_table(p: Protocol, rows: Sequence[Row]) -> str:
             avg = DASH
         else:
             avg = " / ".join(_f(statistics.fmean(c[k] for c in avg_cells)) for k in r.keys())  # type: ignore[index]
-        body.append([r.label, *text, avg])
+        body.append([_user(r.label), *text, avg])
     return _table(_headers(p, "Method", rows[0].names), body)
 
 
@@ -174,10 +188,10 @@ def cost_table(rows: Sequence[Row]) -> str:
         c = cost_values(r)
         params = c["params"]
         ms = c["train_ms_per_image"]
-        body.append([r.label, f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}{DASH}{params[-1]:,}",  # type: ignore[index]
+        body.append([_user(r.label), f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}{DASH}{params[-1]:,}",  # type: ignore[index]
                      f"{c['train_seconds']:.1f}", DASH if ms is None else f"{ms:.2f}",
                      f"{c['eval_images_per_second']:.1f}", f"{c['peak_mib']:.0f} ({', '.join(c['peak_kind'])})",  # type: ignore[arg-type]
-                     ", ".join(c["devices"])])  # type: ignore[arg-type]
+                     _user(", ".join(c["devices"]))])  # type: ignore[arg-type]
     return _table(["Method", "Trainable params", "Train time (s, sum)", "ms / train image", "Eval images/s",
                    "Peak memory (MiB)", "Device"], body)
 
