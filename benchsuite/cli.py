@@ -314,7 +314,7 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("a", help="method (leaderboard row label) A")
     p.add_argument("b", help="method (leaderboard row label) B")
     p.add_argument("--protocol", required=True, help="protocol id")
-    p.add_argument("--results", default=str(DEFAULT_RESULTS))
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), help=f"results folder (default {DEFAULT_RESULTS})")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     p.set_defaults(func=_cmd_compare)
 
