@@ -1,4 +1,4 @@
-"""The single command line: `benchsuite list | run | leaderboard | validate`."""
+"""The single command line: `benchsuite list | run | leaderboard | compare | validate`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ DEFAULT_RUN_RESULTS = Path("benchsuite-results")
 #: the committed results and leaderboard the maintainers regenerate (`benchsuite leaderboard`)
 DEFAULT_RESULTS = Path("leaderboard/results")
 DEFAULT_LEADERBOARD = Path("leaderboard/README.md")
+DEFAULT_REFERENCE = Path("leaderboard/reference")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -180,11 +181,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from .leaderboard import write_leaderboard
+    from .report.markdown import Options
 
     if not Path(args.results).is_dir():
         raise BenchsuiteError(f"--results {args.results}: no such folder; pass the folder `benchsuite run` wrote "
                               f"(default {DEFAULT_RUN_RESULTS}; the committed results are {DEFAULT_RESULTS})")
-    problems = write_leaderboard(Path(args.results), Path(args.out), check=args.check, tolerance=args.tolerance)
+    options = Options(std=args.std, calibration=args.calibration, cost=args.cost)
+    problems = write_leaderboard(Path(args.results), Path(args.out), check=args.check, tolerance=args.tolerance,
+                                 reference_dir=Path(args.reference), options=options, plots=not args.no_plots,
+                                 site=None if args.check or not args.site else Path(args.site))
     if args.check:
         if problems:
             for problem in problems[:20]:
@@ -194,8 +199,14 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
             return 1
         print(f"{args.out} is up to date" + (f" (within {args.tolerance} points)" if args.tolerance else ""))
         return 0
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + ("" if args.no_plots else f" and its plots") + (f"; site in {args.site}" if args.site else ""))
     return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .report.compare import compare_command
+
+    return compare_command(args.a, args.b, args.protocol, Path(args.results), as_json=args.json)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -293,7 +304,23 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 if --out is stale (for CI); writes nothing")
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="with --check: accept accuracies within this many points (regenerated toy runs)")
+    p.add_argument("--reference", default=str(DEFAULT_REFERENCE),
+                   help=f"published numbers (default {DEFAULT_REFERENCE}; a missing folder means none)")
+    p.add_argument("--std", action="store_true", help="add seed statistics: mean ± std cells, 95%% bootstrap intervals")
+    p.add_argument("--calibration", action="store_true", help="add expected calibration error tables")
+    p.add_argument("--cost", action="store_true",
+                   help="add cost tables (parameters, training time, ms/image, images/s, memory, device)")
+    p.add_argument("--no-plots", action="store_true", help="do not write or embed plots (plots/<out stem>/ next to --out)")
+    p.add_argument("--site", metavar="DIR", help="also write a self-contained static page (index.html) to DIR")
     p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser("compare", help="paired comparison of two methods' results under one protocol")
+    p.add_argument("a", help="method (leaderboard row label) A")
+    p.add_argument("b", help="method (leaderboard row label) B")
+    p.add_argument("--protocol", required=True, help="protocol id")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), help=f"results folder (default {DEFAULT_RESULTS})")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("validate", help="check result files against the JSON Schema and their protocol")
     p.add_argument("files", nargs="+", help="result JSON files")

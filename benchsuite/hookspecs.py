@@ -124,6 +124,15 @@ class Method:
         merges a trailing batch smaller than this into the batch before it (so one batch per epoch
         may hold up to ``batch_size + min_batch_size - 1`` images); a training set smaller than
         ``min_batch_size`` is refused.
+    extra_knowledge:
+        What the method uses beyond the protocol's labelled few-shot images and the backbone, in a
+        few words each, e.g. ``("larger teacher (ViT-L/14)",)``, ``("LLM class descriptions",)``,
+        ``("unlabeled test-class images",)`` (PromptKD). Empty (the default) for methods that use
+        nothing else. Recorded in every result and shown in the leaderboard, so such rows are never
+        ranked silently against methods without it.
+    transductive:
+        True when the method sees test images (labelled or not) before predicting, beyond one
+        image at a time; recorded and shown like ``extra_knowledge``.
     """
 
     name: str = ""
@@ -131,6 +140,8 @@ class Method:
     image_input: str = "features"
     epoch_settings: tuple[str, ...] = ()
     min_batch_size: int = 1
+    extra_knowledge: tuple[str, ...] = ()
+    transductive: bool = False
 
 
 @dataclass

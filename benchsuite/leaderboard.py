@@ -25,6 +25,11 @@ from tabulate import tabulate
 from .errors import BenchsuiteError
 
 from .protocols import Protocol, load_protocol
+from .report import site as report_site
+from .report.markdown import Options, declaration_suffix, protocol_blocks
+from .report.model import build_rows
+from .report.plots import Plot
+from .report.reference import Reference, load_references
 from .results.store import ResultStore, atomic_write_text
 from .results.validate import validate_result
 
@@ -304,7 +309,10 @@ def _protocol_order(pid: str) -> tuple[int, str]:
     return (PROTOCOL_ORDER.index(pid), pid) if pid in PROTOCOL_ORDER else (len(PROTOCOL_ORDER), pid)
 
 
-def _sections(items: list[_Item]) -> list[str]:
+def _sections(items: list[_Item], refs: list[Reference] = (), opts: Options = Options(),
+              plots: list[tuple[Plot, str]] = ()) -> list[str]:
+    """Markdown per protocol: the measured tables, then the report's blocks (report.markdown),
+    the embedded `plots` ((plot, relative PNG path) pairs) and the reported rows."""
     # protocol -> backbone -> shots -> row key -> dataset -> seed -> metrics
     tree: dict[str, dict[tuple[str, str, str], dict[int, dict[tuple[str, bool, str], Cells]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(dict))))
@@ -313,20 +321,29 @@ def _sections(items: list[_Item]) -> list[str]:
         job, r = item.job, item.result
         metrics = {k: float(v["accuracy"]) for k, v in r["metrics"].items()}
         tree[job["protocol"]["id"]][_backbone(r)][job["shots"]][_row_key(r)][job["dataset"]][job["seed"]] = metrics
+    marks = {_row_key(i.result): declaration_suffix(i.result["method"].get("extra_knowledge", ()),
+                                                    i.result["method"].get("transductive", False)) for i in items}
+    rows = build_rows(i.result for i in items)
     out = []
-    for pid in sorted(tree, key=_protocol_order):
+    for pid in sorted(set(tree) | {r.protocol for r in refs}, key=_protocol_order):
         p = load_protocol(pid)
         title = p.spec.get("title", pid)
         out.append(f"## {title} ({p.id} v{p.version}, hash {p.hash[:12]})\n")
+        if pid not in tree:
+            out.append("_No measured results yet: the reported rows below are the published numbers the suite "
+                       "will compare with._\n")
         per_shot = p.task == "few_shot" or len(p.shots) > 1
         for backbone in sorted(tree[pid]):
             out.append(f"### {' · '.join(_cell_text(part) for part in backbone)}\n")
             shots = tree[pid][backbone]
             labels = _labels(key for rows in shots.values() for key in rows)
+            labels = {key: text + marks.get(key, "") for key, text in labels.items()}
             for k in sorted(shots):
                 if per_shot:
                     out.append(f"#### {k} shots\n")
                 out.append(_table(p, shots[k], labels) + "\n")
+        out.extend(protocol_blocks(p, rows.get(pid, []), refs, opts))
+        out.extend(f"![{plot.title}]({path})\n" for plot, path in plots if plot.protocol == pid)
     return out
 
 
@@ -351,16 +368,18 @@ def build_tables(results: Iterable[tuple[Path, dict[str, Any]]]) -> str:
 
 
 def build_leaderboard(results: Iterable[tuple[Path, dict[str, Any]]], root: Path | None = None,
-                      unreadable: Iterable[tuple[Path, str]] = ()) -> str:
+                      unreadable: Iterable[tuple[Path, str]] = (), references: list[Reference] = (),
+                      options: Options = Options(), plots: list[tuple[Plot, str]] = ()) -> str:
     """The leaderboard markdown for `results`; paths are shown relative to `root` when given.
 
     `unreadable` lists files that could not be parsed (from `ResultStore.iter_results`); they are
-    reported among the refused results.
+    reported among the refused results. `references` adds the reported rows and the measured −
+    reported deltas; `options` the optional tables; `plots` embeds (plot, relative PNG path) pairs.
     """
     merged, refused = _merge(results, root)
     refused += [(_relative(path, root), f"unreadable: file {why}") for path, why in unreadable]
     parts = [HEADER]
-    parts += _sections(merged) or ["_No results yet._\n"]
+    parts += _sections(merged, list(references), options, list(plots)) or ["_No results yet._\n"]
     parts.append("## Refused results\n")
     if refused:
         rows = [[_file_cell(f), _cell_text(why)] for f, why in sorted(refused)]
@@ -400,27 +419,46 @@ def load_results(results_root: Path, protocols: Iterable[str] | None = None):
     return results, unreadable
 
 
-def write_leaderboard(results_root: Path, out: Path, check: bool = False, tolerance: float = 0.0) -> list[str]:
+def write_leaderboard(results_root: Path, out: Path, check: bool = False, tolerance: float = 0.0,
+                      reference_dir: Path | None = None, options: Options = Options(), plots: bool = False,
+                      site: Path | None = None) -> list[str]:
     """Regenerate `out` from the results under `results_root`; return the problems found.
 
-    With `check`, nothing is written: the return value lists why `out` is stale (empty when it is up
-    to date, byte for byte, or within `tolerance` accuracy points when a tolerance is given). Without
-    `check`, `out` is (atomically) rewritten if needed and an empty list is returned.
+    With `check`, nothing is written: the return value lists why `out` or its plot data is stale
+    (empty when up to date, byte for byte, or within `tolerance` accuracy points when a tolerance is
+    given; plots are checked by their data, never by pixels). Without `check`, `out` and, with
+    `plots`, its plots (`plots/<out stem>/` next to it) are rewritten if needed and an empty list is
+    returned. `site` also writes the static page there.
     """
+    from .report import plots as report_plots
+
     results, unreadable = load_results(results_root)
-    text = build_leaderboard(results, root=results_root, unreadable=unreadable)
+    refs = load_references(reference_dir)
     out = Path(out)
+    planned: list[Plot] = []
+    if plots:
+        merged, _ = _merge(results, results_root)
+        planned = report_plots.plan(build_rows(i.result for i in merged), refs)
+    folder = out.parent / "plots" / out.stem
+    embeds = [(pl, f"plots/{out.stem}/{pl.name}.png") for pl in planned]
+    text = build_leaderboard(results, root=results_root, unreadable=unreadable, references=refs, options=options,
+                             plots=embeds)
     current = out.read_text(encoding="utf-8") if out.is_file() else None
     if check:
         if current is None:
             return [f"{out} does not exist"]
-        if current == text:
-            return []
-        if tolerance > 0:
-            return numeric_differences(current, text, tolerance)
-        return [f"{out} differs from the leaderboard regenerated from {results_root}"]
+        problems: list[str] = []
+        if current != text:
+            problems = (numeric_differences(current, text, tolerance) if tolerance > 0 else
+                        [f"{out} differs from the leaderboard regenerated from {results_root}"])
+        return problems + report_plots.check_folder(folder, planned, tolerance)
     if current != text:
         atomic_write_text(out, text)
+    if plots:
+        report_plots.write_folder(folder, planned)
+    if site is not None:
+        merged, refused = _merge(results, results_root)
+        report_site.write_site(Path(site), [i.result for i in merged], refs, planned, folder)
     return []
 
 

@@ -8,7 +8,7 @@ feature cache) for "features" methods. Feature computation happens inside the ti
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import pluggy
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..errors import ContractError
 from ..hookspecs import EvalBatch
+from ..report.calibration import CalibrationAccumulator
 
 
 @dataclass
@@ -26,6 +27,7 @@ class EvalResult:
     total: int
     seconds: float
     cpu_seconds: float = 0.0
+    calibration: dict = field(default_factory=dict)  #: `ece` and `per_class_accuracy` (report.calibration)
 
     @property
     def accuracy(self) -> float:
@@ -71,6 +73,7 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
     with backbone.autocast():
         pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    calibration = CalibrationAccumulator(len(classnames), device)
     total = 0
     for batch in tqdm(batches, desc=progress or f"eval {dataset}", unit="batch", leave=False, disable=None):
         with backbone.autocast():
@@ -86,9 +89,11 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
             raise ContractError(f"method {method!r}, hook predict: logits are {logits.dtype}, must be torch.float32; "
                                 f"compute them inside `with backbone.fp32():`")
         correct += (logits.argmax(dim=-1) == batch.labels).sum()
+        calibration.update(logits, batch.labels)
         total += n
     n_correct = int(correct)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return EvalResult(correct=n_correct, total=total, seconds=time.perf_counter() - start,
-                      cpu_seconds=time.process_time() - cpu_start)
+    seconds = time.perf_counter() - start
+    return EvalResult(correct=n_correct, total=total, seconds=seconds, cpu_seconds=time.process_time() - cpu_start,
+                      calibration=calibration.summary())

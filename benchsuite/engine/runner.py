@@ -332,7 +332,7 @@ class Runner:
             cache_states.append(state)
             res = evaluate(pm, job.method, module, batches(), classnames, ev.dataset, get_dataset(ev.dataset).template,
                            b, progress=f"{prefix} eval {ev.key}", prepare_per_batch=not self.class_text_once)
-            metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total}
+            metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total, **res.calibration}
             evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
                              "n_classes": len(classnames), "transform": describe(e_tf)}
             eval_seconds += res.seconds
@@ -340,11 +340,12 @@ class Runner:
             eval_images += res.total
         peak, kind = _peak_memory(b.device)
         return {
-            "schema_version": 1,
+            "schema_version": 2,
             "job": {"id": jid, "protocol": job.protocol.ref(), "method": job.method, "dataset": job.dataset,
                     "shots": job.shots, "seed": job.seed},
             "method": {"name": job.method, "source": entry.source, "recipe": recipe, "config_hash": chash,
-                       "default_recipe": True, "overrides": {}, "trainable_params": trainable},
+                       "default_recipe": True, "overrides": {}, "trainable_params": trainable,
+                       "extra_knowledge": list(entry.cls.extra_knowledge), "transductive": entry.cls.transductive},
             "backbone": backbone_rec,
             "data": {"train": {"dataset": job.dataset, "fingerprint": train_fp, "n_images": len(train_split.train),
                                "n_classes": len(train_split.classnames), "manifest_sha256": manifest_sha,
