@@ -20,6 +20,7 @@ from benchsuite.cli import main
 from benchsuite.data.fewshot import ManifestStore, sample_fewshot
 from benchsuite.data.registry import load_dataset
 from benchsuite.engine.runner import Runner
+from benchsuite.engine.train import TrainStats
 from benchsuite.errors import BenchsuiteError, DatasetError
 from benchsuite.results.store import atomic_write_text
 from fixture_data import make_data_root
@@ -227,9 +228,9 @@ def test_a_truncated_shared_training_is_named_removed_and_retrained(tmp_path, ti
     said: list[str] = []
     runner = Runner(tiny_backbone, pets_root, tmp_path / "results", manifests_root=tmp_path / "m", echo=said.append)
     module = torch.nn.Linear(2, 2)
-    runner._save_shared("k" * 64, module, "j" * 64, 1.0, 10)
+    runner._save_shared("k" * 64, module, "j" * 64, TrainStats(seconds=1.0, images=10))
     path = runner._shared_path("k" * 64)
-    assert runner._load_shared("k" * 64, module) == (1.0, 10, "j" * 64)
+    assert runner._load_shared("k" * 64, module)[:3] == (1.0, 10, "j" * 64)
     path.write_bytes(path.read_bytes()[:100])
     assert runner._load_shared("k" * 64, module) is None
     assert not path.exists() and str(path) in said[0]
@@ -284,7 +285,7 @@ def test_every_atomic_writer_names_its_temporary_file_after_itself(tempfiles, tm
         ManifestStore(root / "_manifests").record(sample_fewshot(load_dataset("oxford_pets", pets_root), 1, 1))
     runner = Runner(tiny_backbone, pets_root, root, manifests_root=root / "_manifests")
     with pytest.raises(KeyboardInterrupt):
-        runner._save_shared("k" * 64, torch.nn.Linear(2, 2), "j" * 64, 1.0, 1)
+        runner._save_shared("k" * 64, torch.nn.Linear(2, 2), "j" * 64, TrainStats(seconds=1.0, images=1))
     monkeypatch.undo()
     leftovers = [p for p in root.rglob("*") if p.is_file()]
     assert len(leftovers) == 2
