@@ -8,6 +8,7 @@ evaluate every evaluation set, and write the result atomically.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import resource
@@ -36,6 +37,7 @@ from .feature_cache import FeatureCache, feature_key, files_signature
 from .jobs import Job, job_id
 from .recipe import Overrides, config_hash, resolve_recipe
 from .seeding import seed_everything
+from .checkpoint import EpochCheckpoint
 from .train import NonFiniteLoss, train
 
 #: Model selections a recipe may ask for; anything but the protocol's needs --allow-model-selection.
@@ -100,11 +102,15 @@ class Runner:
     def __init__(self, backbone: Backbone, data_root: Path, results_root: Path, *, manifests_root: Path,
                  overrides: Overrides | None = None, workers: int | None = None,
                  feature_cache: FeatureCache | None = None, preload_budget: int = loaders.PRELOAD_BUDGET,
-                 class_text_once: bool = True, allow_model_selection: bool = False, echo=print):
+                 class_text_once: bool = True, allow_model_selection: bool = False, echo=print,
+                 checkpoint_every: int = 1, handle_signals: bool = True):
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.store = ResultStore(Path(results_root))
         self.trained_root = Path(results_root) / "_trained"
+        self.checkpoints_root = Path(results_root) / "_checkpoints"
+        self.checkpoint_every = checkpoint_every  # epochs between checkpoint writes
+        self.handle_signals = handle_signals  # False under submitit, which owns the signals
         self.manifests = ManifestStore(manifests_root)
         self.overrides = overrides or {}
         self.workers = loaders.default_workers(backbone.device) if workers is None else workers
@@ -210,7 +216,8 @@ class Runner:
         if self.store.existing(path, jid) is not None:
             self.echo(f"{prefix}: result exists, skipped ({path})")
             return None
-        with self.store.claim(jid) as held:
+        with self.store.claim(jid, {"label": job.label(), "protocol": job.protocol.id, "method": job.method,
+                                    "dataset": job.dataset, "shots": job.shots, "seed": job.seed}) as held:
             if not held:
                 self.echo(f"{prefix}: another process is running this job, skipped")
                 return None
@@ -219,6 +226,7 @@ class Runner:
             result = self._execute(job, entry, pm, recipe, chash, jid, backbone, prefix)
             result["method"].update(default_recipe=not overrides, overrides=overrides)
             written = self.store.write(result)
+            self.checkpoint(jid).remove()
         metrics = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in result["metrics"].items())
         self.echo(f"{prefix}: {metrics} -> {written}")
         return written
@@ -241,32 +249,35 @@ class Runner:
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         train_fp = fingerprint(train_split.train, train_split.root)
         t_tf = train_transform(b.image_spec)
-        train_seconds, train_images, shared_from = 0.0, 0, None
+        train_seconds, train_images, shared_from, resumed = 0.0, 0, None, 0
         if recipe["epochs"] > 0:
             share_key = None
             if job.protocol.task == "transfer":  # cross_dataset and domain_generalization share this training
                 share_key = config_hash(job.method, {"recipe": recipe, "train": train_fp, "manifest": manifest_sha,
                                                      "backbone": backbone_rec["weights_sha256"],
                                                      "precision": b.precision, "seed": job.seed})
-            shared = self._load_shared(share_key, module)
-            if shared is not None:
-                train_seconds, train_images, shared_from = shared
-                if shared_from == jid:  # its own training, saved just before an interruption
-                    shared_from = None
+            with self._shared_lock(share_key):  # a concurrent job sharing this training waits, then reuses it
+                shared = self._load_shared(share_key, module)
+                if shared is not None:
+                    train_seconds, train_images, shared_from = shared
+                    if shared_from == jid:  # its own training, saved just before an interruption
+                        shared_from = None
+                    else:
+                        self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
                 else:
-                    self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
-            else:
-                if recipe["model_selection"] == "best_test_epoch":
-                    pm.register(BestTestEpoch(self._first_eval_scorer(job, entry, split, pm, module), module),
-                                name="harness:best_test_epoch")
-                views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
-                loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
-                                              workers=self.workers, pin_memory=b.device.type == "cuda",
-                                              views=views, preload_budget=self.preload_budget)
-                stats = train(pm, job.method, module, loader, recipe, b, entry.cls.frozen_image_encoder,
-                              progress=f"{prefix} train")
-                train_seconds, train_images = stats.seconds, stats.images
-                self._save_shared(share_key, module, jid, stats.seconds, stats.images)
+                    if recipe["model_selection"] == "best_test_epoch":
+                        pm.register(BestTestEpoch(self._first_eval_scorer(job, entry, split, pm, module), module),
+                                    name="harness:best_test_epoch")
+                    views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
+                    loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
+                                                  workers=self.workers, pin_memory=b.device.type == "cuda",
+                                                  views=views, preload_budget=self.preload_budget)
+                    ckpt = self.checkpoint(jid)
+                    with ckpt.active(self.handle_signals):
+                        stats = train(pm, job.method, module, loader, recipe, b, entry.cls.frozen_image_encoder,
+                                      progress=f"{prefix} train", checkpoint=ckpt)
+                    train_seconds, train_images, resumed = stats.seconds, stats.images, ckpt.resumed
+                    self._save_shared(share_key, module, jid, stats.seconds, stats.images)
         e_tf = test_transform(b.image_spec)
         metrics, evals, eval_seconds, eval_images = {}, {}, 0.0, 0
         batch_size = int(job.protocol.spec["eval_batch_size"])
@@ -300,6 +311,7 @@ class Runner:
                        "eval_seconds": eval_seconds, "eval_images": eval_images,
                        "eval_images_per_second": eval_images / eval_seconds if eval_seconds > 0 else 0.0,
                        "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": shared_from,
+                       "train_resumed": resumed,
                        "eval_feature_cache": "hit" if cache_states and set(cache_states) == {"hit"} else
                                              "off" if set(cache_states) <= {"off"} else "miss"},
             "environment": self._env,
@@ -355,7 +367,20 @@ class Runner:
         return lambda: evaluate(pm, job.method, module, batches(), classnames, ev.dataset, template,
                                 self.backbone).accuracy
 
+    def checkpoint(self, jid: str) -> EpochCheckpoint:
+        """The job-private epoch checkpoint of job `jid` (benchsuite.engine.checkpoint)."""
+        return EpochCheckpoint(self.checkpoints_root / f"{jid}.pt", every=self.checkpoint_every)
+
     # ---- trainings shared between protocols -----------------------------------------------------
+    def _shared_lock(self, key: str | None):
+        """A blocking lock around load-or-train of a shared training (a no-op lock without a key)."""
+        import filelock
+
+        if key is None:
+            return contextlib.nullcontext()
+        self.trained_root.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(self.trained_root / f"{key}.lock"))
+
     def _shared_path(self, key: str) -> Path:
         return self.trained_root / f"{key}.pt"
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import TrainBatch
+from .checkpoint import EpochCheckpoint
 from .schedule import epoch_lr
 
 
@@ -73,7 +74,9 @@ def make_optimizer(params: list[torch.nn.Parameter], recipe: dict[str, Any]) -> 
 
 
 def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, recipe: dict[str, Any], backbone,
-          frozen_image_encoder: bool, *, progress: str = "") -> TrainStats:
+          frozen_image_encoder: bool, *, progress: str = "", checkpoint: EpochCheckpoint | None = None) -> TrainStats:
+    """Train `module` for the recipe's epochs; with `checkpoint`, resume from its saved epoch and
+    hand it every epoch boundary (seconds and images count the interrupted attempts too)."""
     epochs = int(recipe["epochs"])
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -81,10 +84,14 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
                             f"returned module has no parameter with requires_grad")
     optimizer = make_optimizer(params, recipe)
     device = backbone.device
-    n_images = 0
+    n_images, first_epoch, prior_seconds = 0, 0, 0.0
+    resumed = checkpoint.restore(module, optimizer) if checkpoint is not None else None
+    if resumed is not None:
+        first_epoch, prior_seconds, n_images = int(resumed["epoch"]), float(resumed["seconds"]), int(resumed["images"])
     _synchronize(device)
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=progress or f"train {method}", unit="epoch", leave=False, disable=None)
+    bar = tqdm(range(first_epoch, epochs), desc=progress or f"train {method}", unit="epoch", leave=False,
+               disable=None)
     for epoch in bar:
         lr = epoch_lr(epoch, epochs, recipe["lr"], warmup_epochs=recipe["warmup_epochs"],
                       warmup_lr=recipe["warmup_lr"])
@@ -104,6 +111,9 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
                                 f"lower the learning rate (--set lr=...) or check the method's loss")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         pm.hook.epoch_end(epoch=epoch, num_epochs=epochs)
+        if checkpoint is not None:
+            checkpoint.epoch_done(epoch + 1, module, optimizer, images=n_images,
+                                  seconds=prior_seconds + time.perf_counter() - start)
     pm.hook.train_end()
     _synchronize(device)
-    return TrainStats(seconds=time.perf_counter() - start, images=n_images)
+    return TrainStats(seconds=prior_seconds + time.perf_counter() - start, images=n_images)
