@@ -77,8 +77,7 @@ def _load_backbone(args: argparse.Namespace, model: str, pretrained: str):
                          cache_dir=args.model_cache)
 
 
-def build_runner(args: argparse.Namespace, data_root: Path, model: str, pretrained: str, *,
-                 handle_signals: bool = True):
+def build_runner(args: argparse.Namespace, data_root: Path, model: str, pretrained: str, **runner_options):
     """The Runner of a `run` invocation, built where jobs execute (this process, a pool worker or a
     Slurm task): module-level and fed only picklable arguments, so executors can ship it."""
     from .data.loaders import PRELOAD_BUDGET
@@ -95,7 +94,7 @@ def build_runner(args: argparse.Namespace, data_root: Path, model: str, pretrain
                   overrides=parse_overrides(args.set or []), workers=args.loader_workers, feature_cache=cache,
                   preload_budget=0 if args.no_preload else PRELOAD_BUDGET,
                   class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection,
-                  checkpoint_every=args.checkpoint_every, handle_signals=handle_signals)
+                  checkpoint_every=args.checkpoint_every, **runner_options)
 
 
 def _preflight(jobs, data_root: Path) -> None:

@@ -115,14 +115,14 @@ class EpochCheckpoint:
             self.path.unlink()
 
     @contextlib.contextmanager
-    def active(self, handle_signals: bool = True) -> Iterator["EpochCheckpoint"]:
+    def active(self, signals: tuple[int, ...] = PREEMPT_SIGNALS) -> Iterator["EpochCheckpoint"]:
         """Mark this job's checkpoint as the process's active one (what a submitit `checkpoint`
-        saves) and, with `handle_signals`, make SIGTERM/SIGUSR1 save it and raise Preempted."""
+        saves) and make each of `signals` save it and raise Preempted (in the main thread)."""
         global _ACTIVE
         _ACTIVE = self
         previous: dict[int, Any] = {}
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in PREEMPT_SIGNALS:
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
                 previous[sig] = signal.signal(sig, self._on_signal)
         try:
             yield self

@@ -209,7 +209,11 @@ class SlurmTask:
         self.factory = factory
 
     def __call__(self, job: Job) -> str | None:
-        runner = self.factory(handle_signals=False)  # submitit owns the signals in a Slurm job
+        import signal
+
+        # submitit owns SIGUSR1 (pre-emption/time-out warning: checkpoint, requeue); SIGTERM (requeue,
+        # cancel, pre-emption's kill) saves the last epoch boundary and stops the job
+        runner = self.factory(preempt_signals=(signal.SIGTERM,))
         try:
             path = runner.run_job(job, prefix=job.label())
         except Exception:
@@ -251,15 +255,17 @@ def parse_extra(pairs: list[str]) -> dict[str, str]:
 
 def submit_slurm(factory: RunnerFactory, jobs: list[Job], options: SlurmOptions, folder: Path) -> list[Any]:
     """Submit `jobs` as one Slurm job array; returns the submitit jobs (their ids share the array id)."""
-    os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", PREEMPT_SIGNAL)  # read by submitit at import
+    os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL  # read by submitit at import, in the jobs too
     try:
         import submitit
+        from submitit.slurm.slurm import SlurmJobEnvironment
     except ImportError:
         raise BenchsuiteError("--executor slurm needs submitit: pip install submitit") from None
+    SlurmJobEnvironment.USR_SIG = PREEMPT_SIGNAL  # sbatch --signal, even if submitit was imported before
     if submitit.SlurmExecutor.affinity() < 1:
         raise BenchsuiteError("--executor slurm: no Slurm here (sbatch/srun not found); use --executor local "
                               "or pool, or run on a Slurm login node")
-    executor = submitit.SlurmExecutor(folder=str(folder / "%A_%a"), max_num_timeout=3)
+    executor = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=3)
     params: dict[str, Any] = {"time": options.time, "cpus_per_task": options.cpus_per_job,
                               "array_parallelism": options.array_parallelism, "job_name": "benchsuite",
                               "signal_delay_s": options.signal_delay_s}

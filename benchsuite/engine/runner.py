@@ -37,7 +37,7 @@ from .feature_cache import FeatureCache, feature_key, files_signature
 from .jobs import Job, job_id
 from .recipe import Overrides, config_hash, resolve_recipe
 from .seeding import seed_everything
-from .checkpoint import EpochCheckpoint
+from .checkpoint import PREEMPT_SIGNALS, EpochCheckpoint
 from .train import NonFiniteLoss, train
 
 #: Model selections a recipe may ask for; anything but the protocol's needs --allow-model-selection.
@@ -103,14 +103,14 @@ class Runner:
                  overrides: Overrides | None = None, workers: int | None = None,
                  feature_cache: FeatureCache | None = None, preload_budget: int = loaders.PRELOAD_BUDGET,
                  class_text_once: bool = True, allow_model_selection: bool = False, echo=print,
-                 checkpoint_every: int = 1, handle_signals: bool = True):
+                 checkpoint_every: int = 1, preempt_signals: tuple[int, ...] = PREEMPT_SIGNALS):
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.store = ResultStore(Path(results_root))
         self.trained_root = Path(results_root) / "_trained"
         self.checkpoints_root = Path(results_root) / "_checkpoints"
         self.checkpoint_every = checkpoint_every  # epochs between checkpoint writes
-        self.handle_signals = handle_signals  # False under submitit, which owns the signals
+        self.preempt_signals = preempt_signals  # save the checkpoint and stop (submitit owns SIGUSR1 on Slurm)
         self.manifests = ManifestStore(manifests_root)
         self.overrides = overrides or {}
         self.workers = loaders.default_workers(backbone.device) if workers is None else workers
@@ -273,7 +273,7 @@ class Runner:
                                                   workers=self.workers, pin_memory=b.device.type == "cuda",
                                                   views=views, preload_budget=self.preload_budget)
                     ckpt = self.checkpoint(jid)
-                    with ckpt.active(self.handle_signals):
+                    with ckpt.active(self.preempt_signals):
                         stats = train(pm, job.method, module, loader, recipe, b, entry.cls.frozen_image_encoder,
                                       progress=f"{prefix} train", checkpoint=ckpt)
                     train_seconds, train_images, resumed = stats.seconds, stats.images, ckpt.resumed
