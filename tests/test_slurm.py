@@ -110,9 +110,11 @@ def long_reference(tmp_path_factory, toy_root):  # noqa: F811
 def test_interrupted_slurm_job_resumes_from_its_checkpoint(interrupt, slurm, tmp_path, toy_root,  # noqa: F811
                                                            long_reference):
     results = tmp_path / "results"
-    code, out, err = run_quiet(toy_args(toy_root, results, *LONG, "--executor", "slurm", "--time", "10"))
+    code, out, err = run_quiet(toy_args(toy_root, results, *LONG, "--executor", "slurm", "--time", "30"))
     assert code == 0, out + err
-    job = f"{_array_id(out)}_0"
+    array = _array_id(out)
+    job = _wait_for(lambda: next((name for name in (f"{array}_0", array) if (results / "_slurm" / name).is_dir()), None),
+                    60, "the task's folder")  # Slurm makes a one-task array a plain job
     checkpoints = results / "_checkpoints"
     _wait_for(lambda: any(checkpoints.glob("*.pt")), 300, "the first epoch checkpoint")
     if interrupt == "requeue":
