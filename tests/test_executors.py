@@ -206,6 +206,7 @@ def test_status_reports_running_failed_and_missing_jobs(tmp_path):
     (["--executor", "pool", "--workers", "0"], "--workers"),
     (["--shard", "4/4"], "--shard"),
     (["--executor", "slurm", "--slurm-extra", "nokey"], "--slurm-extra"),
+    (["--executor", "pool", "--workers", "2", "--pretrained", "/nonexistent/weights.pt"], "/nonexistent/weights.pt"),
 ])
 def test_bad_executor_options_are_one_clear_line(extra, named, tmp_path, toy_root):
     code, out, err = run_quiet(toy_args(toy_root, tmp_path / "r", *extra))

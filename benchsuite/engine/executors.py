@@ -91,7 +91,11 @@ def _worker(factory: RunnerFactory, name: str, device: str | None, threads: int 
 
     if threads:
         torch.set_num_threads(threads)
-    runner = factory()
+    try:
+        runner = factory()
+    except BenchsuiteError as exc:  # a bad backbone or device: the same one-line error as without a pool
+        conn.send(("error", None, str(exc)))
+        return
     conn.send(("ready", None, None))
     while True:
         message = conn.recv()
@@ -169,6 +173,10 @@ def run_pool(factory: RunnerFactory, jobs: list[Job], *, devices: list[str] | No
                     kind, index, detail = worker["conn"].recv()
                 except (EOFError, OSError):
                     continue  # the process died; its sentinel reports it
+                if kind == "error":
+                    for other in live.values():
+                        other["proc"].kill()
+                    raise BenchsuiteError(detail)
                 if kind == "done":
                     (summary.written.append(Path(detail)) if detail else summary.skipped.append(jobs[index].label()))
                 elif kind == "failed":
@@ -192,10 +200,11 @@ def run_pool(factory: RunnerFactory, jobs: list[Job], *, devices: list[str] | No
                     else:
                         summary.failed.append(f"{jobs[index].label()}: its worker died twice (exit code {code})")
                         _write_failure(results, jobs[index], f"worker died twice, last exit code {code}\n")
-                if pending:
+                if index is None:  # it died before taking a job: starting another would loop
+                    summary.failed.append(f"worker {slot} died before taking a job (exit code {code}); "
+                                          f"see its output above")
+                elif pending:
                     start(slot)
-                elif index is None:
-                    summary.failed.append(f"worker {slot} died before taking a job (exit code {code})")
     return summary
 
 
