@@ -41,24 +41,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchsuite.data.registry import clean_classname
+from benchsuite.clip.prompts import POSITIONS, ClassPrompts, context_from_words, random_context
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
 
-POSITIONS = ("end", "middle", "front")
 FEW_SHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 
 
 class PromptLearner(nn.Module):
-    """The learnable context and the frozen token embeddings it is spliced into."""
+    """The learnable context; the frozen token embeddings it is spliced into are a `ClassPrompts`."""
 
     def __init__(self, backbone, n_ctx: int, ctx_init: str, csc: bool, position: str, n_cls: int):
         super().__init__()
         if position not in POSITIONS:
             raise BenchsuiteError(f"coop: class_token_position must be one of {POSITIONS}, not {position!r}")
-        self.backbone = [backbone]  # a list keeps the frozen model out of this module's state
         self.position = position
-        width = backbone.text_width
         if ctx_init:
             ctx_init = ctx_init.replace("_", " ")
             if n_ctx != len(ctx_init.split(" ")):
@@ -66,56 +63,35 @@ class PromptLearner(nn.Module):
                     f"coop: ctx_init {ctx_init!r} has {len(ctx_init.split(' '))} words, which fixes the context "
                     f"length, but n_ctx is {n_ctx}; set n_ctx={len(ctx_init.split(' '))}, or ctx_init=\"\" for "
                     f"{n_ctx} randomly initialised context vectors")
-            n_ctx = len(ctx_init.split(" "))
-            tokens = backbone.tokenize([ctx_init])
-            vectors = backbone.embed_tokens(tokens)[0, 1:1 + n_ctx].float().cpu()
-            self.prefix_text = ctx_init
+            vectors = context_from_words(backbone, ctx_init, n_ctx)
             self.csc = False
         else:
-            shape = (n_cls, n_ctx, width) if csc else (n_ctx, width)
-            vectors = torch.empty(shape, dtype=torch.float32)
-            nn.init.normal_(vectors, std=0.02)
-            self.prefix_text = " ".join(["X"] * n_ctx)
+            vectors = random_context(*((n_cls, n_ctx) if csc else (n_ctx,)), backbone.text_width)
             self.csc = csc
         self.n_ctx = n_ctx
         self.ctx = nn.Parameter(vectors)
+        self.prompts = ClassPrompts(backbone, n_ctx, ctx_init or None)
         self.trained_classnames: list[str] | None = None  # set by the first set_classnames (training)
 
     def set_classnames(self, classnames: list[str]) -> None:
-        """(Re)build prefix/suffix embeddings, EOT positions and class-name lengths for a class set."""
+        """Rebuild the frozen prompt parts for a class set (generic context: any class set)."""
         if self.trained_classnames is None:
             self.trained_classnames = list(classnames)
         if self.csc and list(classnames) != self.trained_classnames:
             raise BenchsuiteError("coop: class-specific context (csc=true) has one context per training class and "
                                   "cannot classify a different class set; use csc=false for base2new and transfer")
-        backbone = self.backbone[0]
-        names = [clean_classname(c) for c in classnames]
-        tokens = backbone.tokenize([f"{self.prefix_text} {name}." for name in names])
-        embedding = backbone.embed_tokens(tokens)
-        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
-        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:], persistent=False)
-        self.eot = tokens.argmax(dim=-1)  # host tensor: sets the truncation length without a sync
-        self.register_buffer("eot_index", self.eot.to(embedding.device), persistent=False)
-        self.name_lens = [len(backbone.tokenizer.encode(name)) for name in names]
+        self.prompts.set_classnames(classnames)
+
+    @property
+    def eot(self) -> torch.Tensor:
+        return self.prompts.eot
 
     def forward(self) -> torch.Tensor:
-        prefix, suffix = self.token_prefix, self.token_suffix
-        n_cls = prefix.shape[0]
-        ctx = self.ctx.to(prefix.dtype)
-        if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
-        if self.position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1)
-        prompts = []
-        half = self.n_ctx // 2
-        for i, name_len in enumerate(self.name_lens):
-            cls_tok, rest = suffix[i:i + 1, :name_len], suffix[i:i + 1, name_len:]
-            if self.position == "middle":
-                parts = [prefix[i:i + 1], ctx[i:i + 1, :half], cls_tok, ctx[i:i + 1, half:], rest]
-            else:
-                parts = [prefix[i:i + 1], cls_tok, ctx[i:i + 1], rest]
-            prompts.append(torch.cat(parts, dim=1))
-        return torch.cat(prompts, dim=0)
+        """All 77 positions of every class's prompt embeddings (what the text encoder would read uncut)."""
+        return self.prompts.assemble(self.ctx, position=self.position, cut=False)
+
+    def text_features(self) -> torch.Tensor:
+        return self.prompts.encode(self.ctx, position=self.position)
 
 
 class CoOp(Method):
@@ -148,8 +124,7 @@ class CoOp(Method):
         return self.learner
 
     def class_text_features(self) -> torch.Tensor:
-        features = self.backbone.encode_embeddings(self.learner(), self.learner.eot, eot_device=self.learner.eot_index)
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(self.learner.text_features().float(), dim=-1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         with self.backbone.fp32():  # cosine logits near 100 lose ties in bf16/fp16

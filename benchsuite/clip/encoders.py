@@ -18,11 +18,21 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..errors import ContractError
+
 DeepPrompts = Optional[Sequence[Optional[torch.Tensor]]]
 
 
 def _expand(prompt: torch.Tensor, batch: int) -> torch.Tensor:
     return prompt.unsqueeze(0).expand(batch, -1, -1) if prompt.dim() == 2 else prompt
+
+
+def check_depth(deep_prompts: DeepPrompts, transformer: nn.Module, tower: str) -> None:
+    """Deep prompts deeper than the model would be silently dropped (and still count as trainable)."""
+    layers = len(transformer.resblocks)
+    if deep_prompts is not None and len(deep_prompts) > layers:
+        raise ContractError(f"deep {tower} prompts for {len(deep_prompts)} layers, but the {tower} transformer has "
+                            f"{layers}; use a prompt depth of at most {layers} for this backbone")
 
 
 def _run_blocks(transformer: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], replace) -> torch.Tensor:
@@ -51,6 +61,7 @@ def encode_text_embeddings(
     copy inside a CUDA training step. `deep_prompts[i]` ([n, D] or [N, n, D]) replaces positions
     1..n before block i (i >= 1).
     """
+    check_depth(deep_prompts, model.transformer, "text")
     eot = eot.cpu()
     length = int(eot.max()) + 1 if truncate else embeddings.shape[1]
     cast = model.transformer.get_cast_dtype()
@@ -92,8 +103,9 @@ def encode_image_prompted(
     """
     if prompts is None and deep_prompts is None and not return_block_tokens:
         return visual(images)
-    if not hasattr(visual, "conv1"):
-        raise NotImplementedError("prompted image encoding needs an open_clip VisionTransformer backbone")
+    if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
+        raise ContractError("prompted image encoding needs an open_clip VisionTransformer backbone")
+    check_depth(deep_prompts, visual.transformer, "vision")
     x = visual.conv1(images.to(visual.conv1.weight.dtype))
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
     cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
