@@ -54,7 +54,7 @@ def test_pool_of_two_workers_gives_the_local_results(tmp_path, toy_root, local_r
     code, out, err = run_quiet(toy_args(toy_root, results, "--set", "epochs=6", "--executor", "pool",
                                         "--workers", "2"))
     assert code == 0, out + err
-    assert "6 written, 0 skipped, 0 failed" in out
+    assert "6 computed, 0 reused, 0 failed" in out
     assert comparable(results) == local_run
     code, out, err = run_quiet(["status", "--results", str(results)])
     assert code == 0 and "complete" in out.splitlines()[-1], out + err
@@ -132,7 +132,7 @@ def test_hand_launched_shards_complete_the_grid(tmp_path, toy_root):
     for rank in range(3):
         code, out, err = run_quiet(toy_args(toy_root, results, "--method", "zeroshot_clip", "--shard", f"{rank}/3"))
         assert code == 0, out + err
-        assert "1 written" in out  # 3 seeds of one method, one per shard
+        assert "1 computed" in out  # 3 seeds of one method, one per shard
         seen.append(len(result_files(results)))
     assert seen == [1, 2, 3]
     code, out, _ = run_quiet(["status", "--results", str(results)])

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DatasetError
 from .datum import Datum
 
 #: decoded training images kept in memory per job (bytes); 0 decodes from disk at every access
@@ -13,9 +14,13 @@ PRELOAD_BUDGET = 2 * 1024**3
 
 
 def decode(path: str) -> Image.Image:
-    """PIL RGB, as Dassl's `read_image`."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    """PIL RGB, as Dassl's `read_image`; a file that cannot be decoded is named in one line (an
+    image damaged after the preflight, or a run with --no-image-check)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"image {path} cannot be read ({exc}); restore the file or remove its split entry") from None
 
 
 class ImageList(Dataset):
@@ -37,8 +42,11 @@ class ImageList(Dataset):
             return False
         total = 0
         for item in self.items:  # header only: PIL reads the size without decoding pixels
-            with Image.open(item.impath) as img:
-                total += img.width * img.height * 3
+            try:
+                with Image.open(item.impath) as img:
+                    total += img.width * img.height * 3
+            except (OSError, SyntaxError, ValueError):
+                decode(item.impath)  # raises the one-line error naming the file
             if total > budget:
                 return False
         return True

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from ..errors import BenchsuiteError
+from ..suggest import did_you_mean
 
 HARNESS_DEFAULTS: dict[str, Any] = {
     "epochs": 0,
@@ -35,11 +36,89 @@ def parse_overrides(pairs: list[str]) -> Overrides:
             raise BenchsuiteError(f"--set expects key=value or method.key=value, got {pair!r}")
         key, raw = (part.strip() for part in pair.split("=", 1))
         method, _, name = key.rpartition(".")
+        if not name or (_ and not method):
+            raise BenchsuiteError(f"--set {pair}: expected key=value or method.key=value with a non-empty key")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         out.setdefault(method or None, {})[name] = value
+    return out
+
+
+#: Harness keys whose values have a meaningful range: (lowest allowed, is the lowest itself allowed, highest or None).
+_RANGES: dict[str, tuple[float, bool, float | None]] = {
+    "epochs": (0, True, None), "batch_size": (1, True, None), "lr": (0, False, None), "momentum": (0, True, 1),
+    "weight_decay": (0, True, None), "warmup_epochs": (0, True, None), "warmup_lr": (0, True, None),
+}
+
+
+def _shown(method: str | None, key: str, value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"--set {method + '.' if method else ''}{key}={text}"
+
+
+def check_value(method: str | None, key: str, value: Any, default: Any) -> Any:
+    """`value` typed like the recipe's `default` (and within range for harness keys), or one clear error.
+
+    Why: an ill-typed override (`epochs=abc`, `lr=nan`) otherwise fails deep inside training with a
+    traceback, or worse, trains with a nonsensical value and records it as a valid result.
+    """
+    shown = _shown(method, key, value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise BenchsuiteError(f"{shown}: {key!r} takes true or false (default {json.dumps(default)})")
+        return value
+    if isinstance(default, (int, float)):
+        wants_int = isinstance(default, int)
+        ok = isinstance(value, int) if wants_int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or not math.isfinite(value):
+            kind = "an integer" if wants_int else "a finite number"
+            raise BenchsuiteError(f"{shown}: {key!r} takes {kind} (default {default!r})")
+        value = value if wants_int else float(value)
+        if key in _RANGES:
+            low, inclusive, high = _RANGES[key]
+            if value < low or (value == low and not inclusive) or (high is not None and value >= high):
+                bound = f"{'>=' if inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
+                raise BenchsuiteError(f"{shown}: {key!r} must be {bound} (default {default!r})")
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        return json.dumps(value)  # `ctx_init=5`: a string setting keeps the text typed
+    return value
+
+
+def validate_overrides(overrides: Overrides, recipes: dict[str, list[dict[str, Any]]]) -> Overrides:
+    """Check `--set` entries against the resolved recipes of the methods in this run, before any cost.
+
+    `recipes` maps each method of the run to the resolved recipes of its jobs. A qualified key
+    (`coop.n_ctx`) must exist in that method's recipe; an unqualified key applies to every method
+    that trains and must exist in each of their recipes (in a run where no method trains, it changes
+    nothing but is still checked against every recipe). Values are typed like the default.
+    Returns the overrides with values converted (an int given for a float setting becomes a float).
+    """
+    out: Overrides = {}
+    for method, entries in overrides.items():
+        if method is None:  # checked against the methods it applies to (those that train), else all
+            trained = sorted(m for m, rs in recipes.items() if any(r.get("epochs", 0) > 0 for r in rs))
+            targets = trained or sorted(recipes)
+        elif method not in recipes:
+            raise BenchsuiteError(f"--set {method}.{next(iter(entries))}: method {method!r} is not part of this run"
+                                  f"{did_you_mean(method, recipes)}; methods in this run: {', '.join(sorted(recipes))}")
+        else:
+            targets = [method]
+        for key, value in entries.items():
+            converted = value
+            for target in targets:
+                keys = sorted({k for r in recipes[target] for k in r})
+                if key not in keys:
+                    hint = did_you_mean(key, keys)
+                    qualify = "" if method else "; an unqualified key applies to every trained method: qualify it " \
+                                                "as METHOD.KEY=VALUE to set it for one method only"
+                    raise BenchsuiteError(f"{_shown(method, key, value)}: method {target!r} has no recipe key "
+                                          f"{key!r}{hint}; its keys: {', '.join(keys)}{qualify}")
+                default = next(r[key] for r in recipes[target] if key in r)
+                converted = check_value(method, key, value, default)
+            out.setdefault(method, {})[key] = converted
     return out
 
 

@@ -32,6 +32,7 @@ from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import TRAINING_HOOKS, SetupContext, hookimpl
 from ..methods import MethodEntry, get_method, implements, job_manager
 from ..results.store import ResultStore
+from ..tempfiles import temp_path
 from .evaluate import compute_features, evaluate, feature_batches, image_batches
 from .feature_cache import FeatureCache, feature_key, files_signature
 from .jobs import Job, job_id
@@ -214,7 +215,7 @@ class Runner:
         jid = job_id(job, chash, backbone, self.data_identity(job))
         path = self.store.path_for(job.protocol.id, job.method, job.dataset, jid)
         if self.store.existing(path, jid) is not None:
-            self.echo(f"{prefix}: result exists, skipped ({path})")
+            self.echo(f"{prefix}: result exists, reused ({path})")
             return None
         with self.store.claim(jid, {"label": job.label(), "protocol": job.protocol.id, "method": job.method,
                                     "dataset": job.dataset, "shots": job.shots, "seed": job.seed}) as held:
@@ -342,7 +343,7 @@ class Runner:
                 self._signatures[where] = files_signature(items)
             key = feature_key(b.model_name, b.weights_sha256, fp + self._signatures[where], describe(transform),
                               b.precision)
-            cached = self.feature_cache.get(key)
+            cached = self.feature_cache.get(key, labels=torch.tensor([item.label for item in items]))
             if cached is not None:
                 held.append(cached)
             state = "hit" if held else "miss"
@@ -385,11 +386,20 @@ class Runner:
         return self.trained_root / f"{key}.pt"
 
     def _load_shared(self, key: str | None, module: torch.nn.Module):
+        """A saved shared training, or None to train; an unreadable one (truncated by a full disk or
+        a copy) is named, removed and retrained instead of failing every rerun."""
         if key is None or not self._shared_path(key).exists():
             return None
-        blob = torch.load(self._shared_path(key), map_location=self.backbone.device, weights_only=True)
-        module.load_state_dict(blob["state"], strict=True)
-        return float(blob["train_seconds"]), int(blob["train_images"]), str(blob["job_id"])
+        path = self._shared_path(key)
+        try:
+            blob = torch.load(path, map_location=self.backbone.device, weights_only=True)
+            module.load_state_dict(blob["state"], strict=True)
+            return float(blob["train_seconds"]), int(blob["train_images"]), str(blob["job_id"])
+        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... on a cut file
+            self.echo(f"benchsuite: shared training {path} cannot be read ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); removing it and training again")
+            path.unlink(missing_ok=True)
+            return None
 
     def _save_shared(self, key: str | None, module: torch.nn.Module, jid: str, seconds: float, images: int) -> None:
         if key is None:
@@ -398,7 +408,7 @@ class Runner:
 
         self.trained_root.mkdir(parents=True, exist_ok=True)
         path = self._shared_path(key)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = temp_path(path)
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
         torch.save({"state": state, "job_id": jid, "train_seconds": seconds, "train_images": images}, tmp)
         os.replace(tmp, path)
