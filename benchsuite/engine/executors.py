@@ -293,9 +293,13 @@ def submit_slurm(factory: RunnerFactory, jobs: list[Job], options: SlurmOptions,
 
 def wait_slurm(submitted: list[Any], echo=print) -> tuple[int, list[str]]:
     """Wait for every task with a progress bar; (finished, failures)."""
+    import logging
+
     from submitit.helpers import as_completed
     from tqdm import tqdm
 
+    # without accounting (slurmdbd) every poll warns that sacct failed; squeue still answers
+    logging.getLogger("submitit").setLevel(logging.ERROR)
     failures = []
     with tqdm(total=len(submitted), desc="slurm array", unit="job") as bar:
         for job in as_completed(submitted, poll_frequency=2):
