@@ -1,7 +1,7 @@
 """`benchsuite status`: how far a job grid has come, read from the results folder alone.
 
 Executors coordinate only through the results folder, so its state is the grid's state:
-- the grid asked for: `benchsuite run` records its job list under `_grids/<protocol>/` (the whole
+- the grid asked for: `benchsuite run` records its job list as `_grids/<protocol>.<digest>.json` (the whole
   grid, even from one shard), and status reports against the union of those lists;
 - done: a schema-valid result file of that (method, dataset, shots, seed);
 - running: a live claim (`.locks/<job id>.json` beside a lock still held: its process is alive);
@@ -13,7 +13,6 @@ Executors coordinate only through the results folder, so its state is the grid's
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -42,7 +41,8 @@ def record_grid(results: Path, cells: Iterable[Cell]) -> list[Path]:
     written = []
     for protocol, jobs in by_protocol.items():
         text = dump_json({"protocol": protocol, "jobs": sorted(jobs)})
-        path = Path(results) / GRIDS / protocol / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        # flat: no folder named after the protocol outside the protocol's own result folder
+        path = Path(results) / GRIDS / f"{protocol}.{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
         if not path.exists():
             atomic_write_text(path, text)
         written.append(path)
@@ -84,7 +84,7 @@ def grid_status(results: Path, protocols: list[str] | None = None) -> dict[tuple
     """Per (protocol, method): done, running, failed and missing jobs of the recorded grids."""
     results = Path(results)
     wanted: set[Cell] = set()
-    for path in sorted((results / GRIDS).glob("*/*.json")):
+    for path in sorted((results / GRIDS).glob("*.json")):
         data, _ = read_json(path)
         if data is None or (protocols and data.get("protocol") not in protocols):
             continue
