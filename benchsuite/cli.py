@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .errors import BenchsuiteError
+from .errors import BenchsuiteError, Preempted
 
 #: where `run` writes by default: a folder of the user's, never the committed leaderboard results
 DEFAULT_RUN_RESULTS = Path("benchsuite-results")
@@ -91,19 +91,50 @@ def _load_backbone(args: argparse.Namespace, model: str, pretrained: str):
                          cache_dir=args.model_cache)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def build_runner(args: argparse.Namespace, data_root: Path, model: str, pretrained: str, results: Path,
+                 overrides, splits=None, **runner_options):
+    """The Runner of a `run` invocation, built where jobs execute (this process, a pool worker or a
+    Slurm task): module-level and fed only picklable arguments, so executors can ship it."""
     from .data.loaders import PRELOAD_BUDGET
     from .engine.feature_cache import FeatureCache
+    from .engine.runner import Runner
+
+    backbone = _load_backbone(args, model, pretrained)
+    print(f"benchsuite: {backbone.precision} on {backbone.device}", flush=True)
+    backbone.truncate_text = not args.no_text_truncation
+    cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
+    runner = Runner(backbone, data_root, results, manifests_root=results / "_manifests",
+                    overrides=overrides, workers=args.loader_workers, feature_cache=cache,
+                    preload_budget=0 if args.no_preload else PRELOAD_BUDGET,
+                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection,
+                    fail_fast=args.fail_fast, checkpoint_every=args.checkpoint_every, **runner_options)
+    runner._splits.update(splits or {})  # the datasets the preflight read, not read twice
+    return runner
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import functools
+
+    from .engine import executors
     from .engine.jobs import expand_grid
     from .engine.preflight import check_device, check_methods, check_results_folder, preflight
     from .engine.recipe import parse_overrides
-    from .engine.runner import Runner
     from .leaderboard import build_tables, load_results
+    from .results.status import record_grid
 
     results = Path(args.results if args.results is not None else DEFAULT_RUN_RESULTS)
     print(f"benchsuite: results go to {results.absolute()}" +
           (" (the default; --results DIR to change)" if args.results is None else ""), flush=True)
     # checks before cost: nothing below loads a backbone or fetches weights until every check passed
+    if args.checkpoint_every < 1:
+        raise BenchsuiteError(f"--checkpoint-every must be at least 1 (epochs), got {args.checkpoint_every}")
+    if args.executor != "pool" and (args.gpus or args.workers is not None):
+        raise BenchsuiteError("--workers and --gpus size the pool executor: add --executor pool "
+                              "(the data-loader processes are --loader-workers)")
+    if args.workers is not None and args.workers < 1:
+        raise BenchsuiteError(f"--workers must be at least 1, got {args.workers}")
+    shard = executors.parse_shard(args.shard) if args.shard else None
+    slurm = _slurm_options(args) if args.executor == "slurm" else None
     check_device(args.device)
     overrides = parse_overrides(args.set or [])
     methods = check_methods(args.method or [])
@@ -111,20 +142,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     protocol, data_root, model, pretrained = _resolve_world(args)
     jobs = expand_grid(protocol, methods, args.dataset, args.seeds, args.shots)
     checked = preflight(jobs, data_root, results, overrides, check_image_files=not args.no_image_check)
+    record_grid(results, [(j.protocol.id, j.method, j.dataset, j.shots, j.seed) for j in jobs])
+    if shard:
+        jobs = executors.shard(jobs, *shard)
+        print(f"benchsuite: shard {shard[0]}/{shard[1]}", flush=True)
     print(f"benchsuite: {len(jobs)} job(s) of {protocol.id} v{protocol.version} on {model}/{pretrained}; "
           f"data {data_root}" + (f"; {checked.images_checked} images checked" if checked.images_checked else ""),
           flush=True)
-    backbone = _load_backbone(args, model, pretrained)
-    print(f"benchsuite: {backbone.precision} on {backbone.device}", flush=True)
-    backbone.truncate_text = not args.no_text_truncation
-    cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
-    runner = Runner(backbone, data_root, results, manifests_root=results / "_manifests",
-                    overrides=checked.overrides, workers=args.workers, feature_cache=cache,
-                    preload_budget=0 if args.no_preload else PRELOAD_BUDGET,
-                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection,
-                    fail_fast=args.fail_fast)
-    runner._splits.update(checked.splits)  # the datasets the preflight read, not read twice
-    summary = runner.run(jobs)
+    factory = functools.partial(build_runner, args, data_root, model, pretrained, results, checked.overrides)
+    if slurm is not None:
+        return _submit_slurm(args, slurm, factory, jobs, protocol, results)
+    if args.executor == "pool":
+        devices = [d.strip() for d in args.gpus.split(",") if d.strip()] if args.gpus else None
+        summary = executors.run_pool(factory, jobs, devices=devices, workers=args.workers or 1, results=results)
+    else:
+        summary = executors.run_local(functools.partial(factory, splits=checked.splits), jobs)
     computed, reused = len(summary.written), len(summary.skipped)
     print(f"benchsuite: {computed} computed, {reused} reused, {len(summary.failed)} failed; results in {results}")
     if reused and not computed and not summary.failed:
@@ -135,6 +167,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print("\n" + build_tables(load_results(results, [protocol.id])[0]).rstrip())
     return 1 if summary.failed else 0
+
+
+def _slurm_options(args: argparse.Namespace):
+    from .engine import executors
+
+    return executors.SlurmOptions(partition=args.partition, time=args.time, gpus_per_job=args.gpus_per_job,
+                                  cpus_per_job=args.cpus_per_job, mem=args.mem,
+                                  array_parallelism=args.array_parallelism,
+                                  extra=executors.parse_extra(args.slurm_extra or []))
+
+
+def _submit_slurm(args: argparse.Namespace, options, factory, jobs, protocol, results: Path) -> int:
+    from .engine import executors
+
+    if not jobs:
+        print("benchsuite: no job to submit")
+        return 0
+    submitted = executors.submit_slurm(factory, jobs, options, results.resolve() / "_slurm")
+    array_id = str(submitted[0].job_id).split("_")[0]
+    status = f"benchsuite status --results {results} --protocol {protocol.id}"
+    print(f"benchsuite: submitted Slurm job array {array_id} ({len(submitted)} tasks); logs in "
+          f"{results / '_slurm'}\nfollow it with: {status}", flush=True)
+    if not args.wait:
+        return 0
+    finished, failures = executors.wait_slurm(submitted)
+    print(f"benchsuite: Slurm array {array_id}: {finished} finished, {len(failures)} failed; results in {results}")
+    for line in failures:
+        print(f"  failed: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .results.status import format_status, grid_status, is_complete
+
+    table = grid_status(Path(args.results), args.protocol)
+    if not table:
+        print(f"benchsuite: no grid recorded under {args.results}"
+              + (f" for protocol(s) {', '.join(args.protocol)}" if args.protocol else "")
+              + ": `benchsuite run` records the grid it runs", file=sys.stderr)
+        return 1
+    print(format_status(table))
+    complete = is_complete(table)
+    print("complete" if complete else "incomplete")
+    return 0 if complete else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -151,7 +227,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"benchsuite bench: {args.method} on {model}/{pretrained}, shapes of {protocol.id}", flush=True)
     backbone = _load_backbone(args, model, pretrained)
     report = run_bench(backbone, args.method, args.protocol, warmup=args.warmup, iters=args.iters,
-                       eval_images=args.eval_images, workers=args.workers, progress=True)
+                       eval_images=args.eval_images, workers=args.loader_workers, progress=True)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -251,9 +327,27 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--results", help=f"results folder (default ./{DEFAULT_RUN_RESULTS}); a rerun reuses every "
                                       f"valid result in it")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override recipe entries (marks results non-default)")
-    p.add_argument("--workers", type=int,
-                   help="data loader worker processes (default: 0 on CPU, min(8, CPU count) on CUDA)")
+    p.add_argument("--loader-workers", type=int,
+                   help="data loader worker processes per job (default: 0 on CPU, min(8, CPU count) on CUDA)")
     p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
+    g = p.add_argument_group("executors (where the jobs run)")
+    g.add_argument("--executor", choices=["local", "pool", "slurm"], default="local",
+                   help="local: in this process (default); pool: worker processes; slurm: one Slurm job array")
+    g.add_argument("--workers", type=int, help="pool: number of CPU worker processes (default 1)")
+    g.add_argument("--gpus", help="pool: CUDA device ids, one worker per device, e.g. 0,1,2,3")
+    g.add_argument("--shard", help="run only part RANK/WORLD of the grid (e.g. 0/4), or 'auto': rank and world "
+                                   "from torchrun, Slurm or MPI variables")
+    g.add_argument("--checkpoint-every", type=int, default=1,
+                   help="write a training job's epoch checkpoint every N epochs (default 1)")
+    g.add_argument("--partition", help="slurm: partition")
+    g.add_argument("--time", type=int, default=60, help="slurm: minutes per job (default 60)")
+    g.add_argument("--gpus-per-job", type=int, default=0, help="slurm: GPUs per job (default 0)")
+    g.add_argument("--cpus-per-job", type=int, default=1, help="slurm: CPUs per job (default 1)")
+    g.add_argument("--mem", help="slurm: memory per job, Slurm syntax (16G)")
+    g.add_argument("--array-parallelism", type=int, default=256, help="slurm: jobs running at once (default 256)")
+    g.add_argument("--slurm-extra", nargs="+", metavar="KEY=VALUE",
+                   help="slurm: more sbatch options, e.g. account=proj qos=high constraint=a100")
+    g.add_argument("--wait", action="store_true", help="slurm: wait for the array, with a progress bar")
     p.add_argument("--feature-cache", help="test-set feature cache folder (default $BENCHSUITE_CACHE/features)")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="recompute test-set image features for every evaluation")
@@ -283,12 +377,17 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
     p.add_argument("--eval-images", type=int, default=200, help="synthetic test images per evaluation (default 200)")
-    p.add_argument("--workers", type=int, help="data loader processes for the pipeline measurement "
-                                                "(default: 0 on CPU, min(8, CPU count) on CUDA)")
+    p.add_argument("--loader-workers", type=int, help="data loader processes for the pipeline measurement "
+                                                       "(default: 0 on CPU, min(8, CPU count) on CUDA)")
     p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=_cmd_bench)
 
+    p = sub.add_parser("status", help="done, running, failed and missing jobs of the grids run into a results folder")
+    p.add_argument("--results", default=str(DEFAULT_RUN_RESULTS),
+                   help=f"results folder (default ./{DEFAULT_RUN_RESULTS}, where run writes by default)")
+    p.add_argument("--protocol", nargs="+", help="only these protocols (default: every recorded grid)")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("cache", help="list or clear the test-set feature cache")
     p.add_argument("action", choices=["ls", "clear"], help="ls: list entries; clear: remove them")
@@ -346,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchsuiteError as exc:
         print(f"benchsuite: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"benchsuite: stopped: {exc}; rerun the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("benchsuite: interrupted; finished jobs are kept, rerun the same command to resume", file=sys.stderr)
         return 130

@@ -23,3 +23,8 @@ class BackboneError(BenchsuiteError):
 
 class ResultError(BenchsuiteError):
     """A result file fails the JSON Schema or disagrees with its protocol."""
+
+
+class Preempted(BaseException):
+    """A job was asked to stop (a pre-emption signal) after saving its epoch checkpoint. A
+    BaseException, like KeyboardInterrupt, so per-job failure handling never records it as a failure."""

@@ -399,7 +399,7 @@ def test_worker_default_in_help_and_readme_is_the_codes():
     monkey_cpus = os.cpu_count() or 1
     assert default_workers(torch.device("cuda")) == min(8, monkey_cpus)
     run = _subparsers()["run"]
-    help_text = next(a.help for a in run._actions if "--workers" in a.option_strings)
+    help_text = next(a.help for a in run._actions if "--loader-workers" in a.option_strings)
     assert "0 on CPU" in help_text and "min(8, CPU count) on CUDA" in help_text
-    readme_row = next(line for line in README.read_text().splitlines() if line.startswith("| `--workers"))
+    readme_row = next(line for line in README.read_text().splitlines() if line.startswith("| `--loader-workers"))
     assert "0 on CPU" in readme_row and "min(8, CPU count) on CUDA" in readme_row

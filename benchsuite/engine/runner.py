@@ -8,6 +8,7 @@ evaluate every evaluation set, and write the result atomically.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import resource
@@ -31,13 +32,14 @@ from ..data.transforms import describe, test_transform, train_transform
 from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import TRAINING_HOOKS, SetupContext, hookimpl
 from ..methods import MethodEntry, get_method, implements, job_manager
-from ..results.store import ResultStore
+from ..results.store import ResultStore, atomic_write_text
 from ..tempfiles import temp_path
 from .evaluate import compute_features, evaluate, feature_batches, image_batches
 from .feature_cache import FeatureCache, feature_key, files_signature
 from .jobs import Job, job_id
 from .recipe import Overrides, config_hash, declarations, profile_epoch_scale, resolve_recipe
 from .seeding import seed_everything
+from .checkpoint import PREEMPT_SIGNALS, EpochCheckpoint
 from .smoke import smoke_check
 from .train import NonFiniteLoss, make_grad_scaler, train
 
@@ -104,11 +106,15 @@ class Runner:
                  overrides: Overrides | None = None, workers: int | None = None,
                  feature_cache: FeatureCache | None = None, preload_budget: int = loaders.PRELOAD_BUDGET,
                  class_text_once: bool = True, allow_model_selection: bool = False, fail_fast: bool = False,
-                 smoke: bool = True, echo=print):
+                 smoke: bool = True, echo=print, checkpoint_every: int = 1,
+                 preempt_signals: tuple[int, ...] = PREEMPT_SIGNALS):
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.store = ResultStore(Path(results_root))
         self.trained_root = Path(results_root) / "_trained"
+        self.checkpoints_root = Path(results_root) / "_checkpoints"
+        self.checkpoint_every = checkpoint_every  # epochs between checkpoint writes
+        self.preempt_signals = preempt_signals  # save the checkpoint and stop (submitit owns SIGUSR1 on Slurm)
         self.manifests = ManifestStore(manifests_root)
         self.overrides = overrides or {}
         self.workers = loaders.default_workers(backbone.device) if workers is None else workers
@@ -118,7 +124,6 @@ class Runner:
         self.allow_model_selection = allow_model_selection
         self.fail_fast = fail_fast  # False: a failing job is logged and the grid goes on
         self.smoke = smoke  # run the one-batch check before every training
-        self.logs_root = Path(results_root) / "_logs"
         self.echo = echo
         self._splits: dict[str, DatasetSplits] = {}
         self._signatures: dict[tuple[str, str], str] = {}  # (first file, fingerprint) -> files_signature
@@ -208,13 +213,15 @@ class Runner:
                 summary.written.append(path)
         return summary
 
-    def _log_failure(self, job: Job) -> Path:
-        """Write the current exception's full traceback under <results>/_logs/ and return the path."""
+    def _log_failure(self, job: Job, text: str | None = None) -> Path:
+        """Write the job's last failure (default: the current exception's full traceback) to the log
+        `benchsuite status` points at, whichever executor ran the job; return its path."""
+        from ..results.status import failure_log
+
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        path = self.logs_root / job.protocol.id / job.method / job.dataset / f"shot{job.shots}-seed{job.seed}-{stamp}.log"
+        path = failure_log(self.store.root, job.protocol.id, job.method, job.dataset, job.shots, job.seed)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{job.label()}\n{stamp}\n\n{traceback.format_exc()}", encoding="utf-8")
+            atomic_write_text(path, f"{job.label()}\n{stamp}\n\n{text or traceback.format_exc()}")
         except OSError as exc:
             self.echo(f"benchsuite: could not write the failure log {path}: {exc}")
         return path
@@ -253,7 +260,8 @@ class Runner:
         if self.store.existing(path, jid) is not None:
             self.echo(f"{prefix}: result exists, reused ({path})")
             return None
-        with self.store.claim(jid) as held:
+        with self.store.claim(jid, {"label": job.label(), "protocol": job.protocol.id, "method": job.method,
+                                    "dataset": job.dataset, "shots": job.shots, "seed": job.seed}) as held:
             if not held:
                 self.echo(f"{prefix}: another process is running this job, skipped")
                 return None
@@ -262,6 +270,7 @@ class Runner:
             result = self._execute(job, entry, pm, recipe, chash, jid, backbone, prefix, epoch_scale)
             result["method"].update(default_recipe=not overrides, overrides=overrides)
             written = self.store.write(result)
+            self.checkpoint(jid).remove()
         metrics = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in result["metrics"].items())
         self.echo(f"{prefix}: {metrics} -> {written}")
         return written
@@ -296,32 +305,35 @@ class Runner:
             raise ContractError(f"method {job.method!r}, hook setup: must return an nn.Module, got {type(module).__name__}")
         module.to(b.device)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        train_seconds, train_images, shared_from = 0.0, 0, None
+        train_seconds, train_images, shared_from, resumed = 0.0, 0, None, 0
         train_cpu, losses, skipped_steps = 0.0, {}, 0
         image_input = recipe["image_input"]
         if recipe["epochs"] > 0:
-            shared = self._load_shared(share_key, module)
-            if shared is not None:
-                train_seconds, train_images, shared_from, train_cpu, losses = shared
-                if shared_from == jid:  # its own training, saved just before an interruption
-                    shared_from = None
+            with self._shared_lock(share_key):  # a concurrent job sharing this training waits, then reuses it
+                shared = self._load_shared(share_key, module)
+                if shared is not None:
+                    train_seconds, train_images, shared_from, train_cpu, losses = shared
+                    if shared_from == jid:  # its own training, saved just before an interruption
+                        shared_from = None
+                    else:
+                        self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
                 else:
-                    self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
-            else:
-                if recipe["model_selection"] == "best_test_epoch":
-                    pm.register(BestTestEpoch(self._first_eval_scorer(job, image_input, split, pm, module), module),
-                                name="harness:best_test_epoch")
-                views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
-                loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
-                                              workers=self.workers, pin_memory=b.device.type == "cuda",
-                                              views=views, preload_budget=self.preload_budget,
-                                              drop_last=bool(recipe["drop_last"]),
-                                              min_batch_size=int(entry.cls.min_batch_size))
-                stats = train(pm, job.method, module, loader, recipe, b, image_input,
-                              progress=f"{prefix} train", scaler=make_grad_scaler(b))
-                train_seconds, train_images = stats.seconds, stats.images
-                train_cpu, losses, skipped_steps = stats.cpu_seconds, stats.losses, stats.skipped_steps
-                self._save_shared(share_key, module, jid, stats)
+                    if recipe["model_selection"] == "best_test_epoch":
+                        pm.register(BestTestEpoch(self._first_eval_scorer(job, image_input, split, pm, module),
+                                                  module), name="harness:best_test_epoch")
+                    views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
+                    loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
+                                                  workers=self.workers, pin_memory=b.device.type == "cuda",
+                                                  views=views, preload_budget=self.preload_budget,
+                                                  drop_last=bool(recipe["drop_last"]),
+                                                  min_batch_size=int(entry.cls.min_batch_size))
+                    ckpt = self.checkpoint(jid)
+                    with ckpt.active(self.preempt_signals):
+                        stats = train(pm, job.method, module, loader, recipe, b, image_input,
+                                      progress=f"{prefix} train", scaler=make_grad_scaler(b), checkpoint=ckpt)
+                    train_seconds, train_images, resumed = stats.seconds, stats.images, ckpt.resumed
+                    train_cpu, losses, skipped_steps = stats.cpu_seconds, stats.losses, stats.skipped_steps
+                    self._save_shared(share_key, module, jid, stats)
         e_tf = test_transform(b.image_spec)
         metrics, evals, eval_seconds, eval_images, eval_cpu = {}, {}, 0.0, 0, 0.0
         batch_size = int(job.protocol.spec["eval_batch_size"])
@@ -358,6 +370,7 @@ class Runner:
                        "eval_images": eval_images,
                        "eval_images_per_second": eval_images / eval_seconds if eval_seconds > 0 else 0.0,
                        "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": shared_from,
+                       "train_resumed": resumed,
                        "eval_feature_cache": "hit" if cache_states and set(cache_states) == {"hit"} else
                                              "off" if set(cache_states) <= {"off"} else "miss"},
             "training": {"loss_per_epoch": losses, "skipped_steps": skipped_steps,
@@ -415,7 +428,20 @@ class Runner:
         return lambda: evaluate(pm, job.method, module, batches(), classnames, ev.dataset, template,
                                 self.backbone).accuracy
 
+    def checkpoint(self, jid: str) -> EpochCheckpoint:
+        """The job-private epoch checkpoint of job `jid` (benchsuite.engine.checkpoint)."""
+        return EpochCheckpoint(self.checkpoints_root / f"{jid}.pt", every=self.checkpoint_every)
+
     # ---- trainings shared between protocols -----------------------------------------------------
+    def _shared_lock(self, key: str | None):
+        """A blocking lock around load-or-train of a shared training (a no-op lock without a key)."""
+        import filelock
+
+        if key is None:
+            return contextlib.nullcontext()
+        self.trained_root.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(self.trained_root / f"{key}.lock"))
+
     def _shared_path(self, key: str) -> Path:
         return self.trained_root / f"{key}.pt"
 

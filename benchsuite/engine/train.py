@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import TrainBatch
+from .checkpoint import EpochCheckpoint
 from .schedule import epoch_lr
 
 
@@ -131,7 +132,11 @@ def _epoch_means(parts: dict[str, list[torch.Tensor]], skipped: list[torch.Tenso
 
 
 def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, recipe: dict[str, Any], backbone,
-          image_input: str, *, progress: str = "", scaler: Optional[torch.amp.GradScaler] = None) -> TrainStats:
+          image_input: str, *, progress: str = "", scaler: Optional[torch.amp.GradScaler] = None,
+          checkpoint: EpochCheckpoint | None = None) -> TrainStats:
+    """Train `module` for the recipe's epochs; with `checkpoint`, resume from its saved epoch and
+    hand it every epoch boundary (times, images, loss history and skipped steps count the
+    interrupted attempts too)."""
     epochs = int(recipe["epochs"])
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -139,11 +144,20 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
                             f"returned module has no parameter with requires_grad")
     optimizer = make_optimizer(params, recipe, fused=scaler is not None)
     device = backbone.device
-    n_images, n_skipped = 0, 0
+    n_images, n_skipped, first_epoch, prior_seconds, prior_cpu = 0, 0, 0, 0.0, 0.0
     history: dict[str, list[float]] = {}
+    resumed = checkpoint.restore(module, optimizer) if checkpoint is not None else None
+    if resumed is not None:
+        first_epoch, prior_seconds, n_images = int(resumed["epoch"]), float(resumed["seconds"]), int(resumed["images"])
+        extra = resumed.get("extra", {})
+        history = {k: list(v) for k, v in extra.get("losses", {}).items()}
+        n_skipped, prior_cpu = int(extra.get("skipped_steps", 0)), float(extra.get("cpu_seconds", 0.0))
+        if scaler is not None and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
     _synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    bar = tqdm(range(epochs), desc=progress or f"train {method}", unit="epoch", leave=False, disable=None)
+    bar = tqdm(range(first_epoch, epochs), desc=progress or f"train {method}", unit="epoch", leave=False,
+               disable=None)
     for epoch in bar:
         lr = epoch_lr(epoch, epochs, recipe["lr"], warmup_epochs=recipe["warmup_epochs"],
                       warmup_lr=recipe["warmup_lr"])
@@ -168,7 +182,14 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
             history.setdefault(key, []).append(value)
         bar.set_postfix({**{k: f"{v:.4f}" for k, v in means.items()}, "lr": f"{lr:.2e}"})
         pm.hook.epoch_end(epoch=epoch, num_epochs=epochs)
+        if checkpoint is not None:
+            extra = {"losses": history, "skipped_steps": n_skipped,
+                     "cpu_seconds": prior_cpu + time.process_time() - cpu_start,
+                     "scaler": scaler.state_dict() if scaler is not None else {}}
+            checkpoint.epoch_done(epoch + 1, module, optimizer, images=n_images,
+                                  seconds=prior_seconds + time.perf_counter() - start, extra=extra)
     pm.hook.train_end()
     _synchronize(device)
-    return TrainStats(seconds=time.perf_counter() - start, images=n_images,
-                      cpu_seconds=time.process_time() - cpu_start, losses=history, skipped_steps=n_skipped)
+    return TrainStats(seconds=prior_seconds + time.perf_counter() - start, images=n_images,
+                      cpu_seconds=prior_cpu + time.process_time() - cpu_start, losses=history,
+                      skipped_steps=n_skipped)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -159,11 +160,16 @@ class ResultStore:
     def lock_path(self, job_id: str) -> Path:
         return self.root / LOCK_DIR / f"{_component(job_id, 'job id')}.lock"
 
+    def claim_info_path(self, job_id: str) -> Path:
+        return self.lock_path(job_id).with_suffix(".json")
+
     @contextlib.contextmanager
-    def claim(self, job_id: str) -> Iterator[bool]:
+    def claim(self, job_id: str, info: dict[str, Any] | None = None) -> Iterator[bool]:
         """Yield True while this process holds the job's lock, False if another process runs it.
 
         Non-blocking (timeout 0): a worker that cannot claim a job skips it instead of waiting.
+        `info` (what the job is, who runs it) is written beside the lock while it is held, so that
+        `benchsuite status` can name running jobs; a lock nobody holds is stale, whatever it says.
         """
         lock_file = self.lock_path(job_id)
         lock_file.parent.mkdir(parents=True, exist_ok=True)
@@ -176,9 +182,15 @@ class ResultStore:
         if not held:
             yield False
             return
+        info_path = self.claim_info_path(job_id)
+        if info is not None:
+            atomic_write_text(info_path, dump_json({**info, "host": socket.gethostname(), "pid": os.getpid()}))
         try:
             yield True
         finally:
+            if info is not None:
+                with contextlib.suppress(OSError):
+                    info_path.unlink()
             lock.release()
 
     def write(self, result: dict[str, Any]) -> Path:

@@ -1,0 +1,144 @@
+"""Epoch checkpoints: a training job's resumable state in one job-private file.
+
+Full-benchmark jobs train for up to an hour on clusters that pre-empt and time out. At every epoch
+boundary the loop hands its state here (learnable module state, optimizer, the next epoch, which
+fixes the schedule position, and every RNG the loop draws from); it is kept in memory and written
+every `every` epochs, atomically (temporary file + rename), to `<results>/_checkpoints/<job id>.pt`.
+A pre-emption signal (SIGTERM, or SIGUSR1, benchsuite's pre-emption warning) writes the last
+boundary at once. A restarted job restores it and continues with the same RNG stream, so its
+result equals an uninterrupted run's (exactly, on CPU with in-process data loading). The runner
+deletes the file once the job's result is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import Preempted
+
+#: signals that save the last epoch boundary and stop the job (outside Slurm/submitit)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_ACTIVE: "EpochCheckpoint | None" = None  # the checkpoint of the job training in this process
+
+
+def _copy(obj: Any) -> Any:
+    """A detached CPU copy of nested state (tensors cloned), so later steps cannot change it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy(v) for v in obj)
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator the training loop draws from (numpy's as tensors, loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class EpochCheckpoint:
+    """The resumable state of one training job (see the module docstring)."""
+
+    def __init__(self, path: Path | str, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError("checkpoint interval must be at least 1 epoch")
+        self.path = Path(path)
+        self.every = every
+        self.resumed = 0  # how many times this job's training continued from a saved checkpoint
+        self._snapshot: dict[str, Any] | None = None
+
+    # ---- the training loop's side ------------------------------------------------------------
+    def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Load the saved state into module and optimizer and the RNGs; None when there is none.
+        Returns the snapshot (its `epoch` is the next epoch to run, plus `seconds`, `images`, `extra`)."""
+        if not self.path.exists():
+            return None
+        blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        module.load_state_dict(blob["module"], strict=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        set_rng_state(blob["rng"])
+        self.resumed = int(blob["resumed"]) + 1
+        blob["resumed"] = self.resumed
+        self._snapshot = blob
+        return blob
+
+    def epoch_done(self, epoch: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                   seconds: float, images: int, extra: dict[str, Any] | None = None) -> None:
+        """Record the boundary after `epoch` epochs (kept in memory for a signal); write it to disk
+        every `every` epochs."""
+        self._snapshot = {"epoch": epoch, "module": _copy(module.state_dict()),
+                          "optimizer": _copy(optimizer.state_dict()), "rng": _copy(rng_state()),
+                          "seconds": float(seconds), "images": int(images), "resumed": self.resumed,
+                          "extra": _copy(extra or {})}
+        if epoch % self.every == 0:
+            self.save()
+
+    # ---- the executor's side -----------------------------------------------------------------
+    def save(self) -> bool:
+        """Write the last epoch boundary atomically; False when no epoch has finished yet."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save(snapshot, tmp)
+        os.replace(tmp, self.path)
+        return True
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    @contextlib.contextmanager
+    def active(self, signals: tuple[int, ...] = PREEMPT_SIGNALS) -> Iterator["EpochCheckpoint"]:
+        """Mark this job's checkpoint as the process's active one (what a submitit `checkpoint`
+        saves) and make each of `signals` save it and raise Preempted (in the main thread)."""
+        global _ACTIVE
+        _ACTIVE = self
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            _ACTIVE = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        saved = self.save()
+        epoch = self._snapshot["epoch"] if saved and self._snapshot else 0
+        raise Preempted(f"received {signal.Signals(signum).name}: "
+                        + (f"checkpoint saved after epoch {epoch} ({self.path})" if saved
+                           else "no epoch finished yet, nothing to save"))
+
+
+def save_active() -> bool:
+    """Write the active job's last epoch boundary (called from submitit's pre-emption handler)."""
+    return _ACTIVE.save() if _ACTIVE is not None else False
