@@ -130,16 +130,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .engine.feature_cache import FeatureCache
+    from .engine.feature_cache import MARKER, FeatureCache
 
     cache = FeatureCache(args.feature_cache)
+    if cache.root.is_dir() and not cache.is_cache_root():
+        print(f"{cache.root} is not a benchsuite feature cache (no {MARKER} file): nothing listed or removed; "
+              f"a cache written before this marker existed can be deleted by hand")
+        return 0
     if args.action == "clear":
         print(f"removed {cache.clear()} cached feature set(s) from {cache.root}")
-        return 0
-    rows = [(e.key[:12], e.meta.get("model"), e.meta.get("pretrained"), e.meta.get("precision"),
-             e.meta.get("n_images"), f"{e.bytes / 2**20:.1f}") for e in cache.entries()]
-    print(tabulate(rows, headers=["key", "model", "pretrained", "precision", "images", "MiB"]))
-    print(f"{len(rows)} entries in {cache.root}")
+    else:
+        rows = [(e.key[:12], e.meta.get("model"), e.meta.get("pretrained"), e.meta.get("precision"),
+                 e.meta.get("n_images"), f"{e.bytes / 2**20:.1f}") for e in cache.entries()]
+        print(tabulate(rows, headers=["key", "model", "pretrained", "precision", "images", "MiB"]))
+        print(f"{len(rows)} entries in {cache.root}")
+    for folder, why in cache.skipped:
+        print(f"skipped {folder.name[:12]}: {why} (remove the folder by hand if it is not needed)")
     return 0
 
 

@@ -330,7 +330,7 @@ class Runner:
                 self._signatures[where] = files_signature(items)
             key = feature_key(b.model_name, b.weights_sha256, fp + self._signatures[where], describe(transform),
                               b.precision)
-            cached = self.feature_cache.get(key)
+            cached = self.feature_cache.get(key, labels=torch.tensor([item.label for item in items]))
             if cached is not None:
                 held.append(cached)
             state = "hit" if held else "miss"

@@ -22,6 +22,9 @@ from ..errors import ResultError
 from .schema import validate_schema
 
 LOCK_DIR = ".locks"
+#: Limits for reading a result file (README: "Result files"): far above any real result.
+MAX_RESULT_BYTES = 4 * 1024**2
+MAX_RESULT_DEPTH = 32
 ErrorHandler = Callable[[Path, str], None]
 
 
@@ -71,9 +74,28 @@ def _fsync_dir(folder: Path) -> None:
             os.close(dfd)
 
 
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (a hostile file must not exhaust the stack)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_RESULT_DEPTH:
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(data, None) for a file holding a JSON object, else (None, why it cannot be used)."""
+    """(data, None) for a file holding a JSON object, else (None, why it cannot be used).
+
+    Files above MAX_RESULT_BYTES or nested deeper than MAX_RESULT_DEPTH are refused unread: a
+    result is a few kilobytes and a handful of levels deep, and such files would exhaust memory or
+    the parser's and validator's recursion."""
     try:
+        size = path.stat().st_size
+        if size > MAX_RESULT_BYTES:
+            return None, f"is {size} bytes, above the {MAX_RESULT_BYTES}-byte limit for result files"
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return None, f"cannot be read: {exc}"
@@ -81,8 +103,12 @@ def read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})"
+    except RecursionError:
+        return None, f"is nested too deeply to parse (limit {MAX_RESULT_DEPTH} levels)"
     if not isinstance(data, dict):
         return None, f"holds a JSON {type(data).__name__}, not an object"
+    if _depth(data) > MAX_RESULT_DEPTH:
+        return None, f"is nested deeper than {MAX_RESULT_DEPTH} levels, the limit for result files"
     return data, None
 
 
@@ -182,4 +208,4 @@ class ResultStore:
             yield path, data
 
 
-__all__ = ["LOCK_DIR", "ResultStore", "atomic_write_text", "dump_json", "read_json"]
+__all__ = ["LOCK_DIR", "MAX_RESULT_BYTES", "MAX_RESULT_DEPTH", "ResultStore", "atomic_write_text", "dump_json", "read_json"]
