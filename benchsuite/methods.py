@@ -94,7 +94,7 @@ def discover() -> dict[str, MethodEntry]:
                     raise ContractError(f"plugin {ep_name!r} ({source}), hook benchsuite_methods: returned "
                                         f"{cls!r}, which is not a class with a non-empty `name`")
                 if not METHOD_NAME.fullmatch(name):
-                    raise ContractError(f"plugin {ep.name!r} ({source}): method name {name!r} is not allowed; "
+                    raise ContractError(f"plugin {ep_name!r} ({source}): method name {name!r} is not allowed; "
                                         f"names are lower-case identifiers ({METHOD_NAME.pattern}), since they "
                                         f"become folder names and leaderboard rows")
                 if name in found:

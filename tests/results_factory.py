@@ -34,7 +34,7 @@ def _ensure_protocols_package() -> None:
 
 _ensure_protocols_package()
 
-from benchsuite.engine.recipe import config_hash, resolve_recipe  # noqa: E402
+from benchsuite.engine.recipe import config_hash, declarations, resolve_recipe  # noqa: E402
 from benchsuite.methods import discover, job_manager  # noqa: E402
 from benchsuite.protocols import load_protocol  # noqa: E402
 
@@ -75,7 +75,7 @@ def default_recipe(protocol_id: str, method: str, dataset: str, shots: int) -> d
     p = load_protocol(protocol_id)
     pm, _ = job_manager(entry)
     return json.loads(json.dumps(resolve_recipe(method, pm.hook.recipe(protocol=p, dataset=dataset, shots=shots),
-                                                p.profile, {})[0], default=str))
+                                                p.profile, {}, **declarations(entry.cls))[0], default=str))
 
 
 def _set(target: dict[str, Any], dotted: str, value: Any) -> None:

@@ -73,7 +73,7 @@ def test_a_few_coop_steps_follow_the_same_trajectory_with_and_without_truncation
         backbone.truncate_text = truncate
         pm, method, module, recipe = _coop(backbone, seed=3)
         optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], {**recipe, "lr": 0.5})
-        losses = [train_step(pm, "coop", module, optimizer, backbone, images, labels, [], True, 0)["loss"].detach()
+        losses = [train_step(pm, "coop", module, optimizer, backbone, images, labels, [], "features", 0)["loss"].detach()
                   for _ in range(4)]
         trajectories[truncate] = (torch.stack(losses), module.ctx.detach().clone())
     assert not torch.equal(trajectories[True][1], _coop(backbone, seed=3)[2].ctx.detach())  # it did move
@@ -180,7 +180,7 @@ def test_amp_training_step_runs_under_autocast_on_cpu(tiny_checkpoint):
     pm, method, module, recipe = _coop(backbone)
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], recipe)
     images = torch.randn(4, 3, 32, 32)
-    out = train_step(pm, "coop", module, optimizer, backbone, images, torch.tensor([0, 1, 2, 3]), [], True, 0)
+    out = train_step(pm, "coop", module, optimizer, backbone, images, torch.tensor([0, 1, 2, 3]), [], "features", 0)
     assert torch.isfinite(out["loss"])
     assert module.ctx.dtype == torch.float32 and module.ctx.grad is not None  # fp32 master weights
     with backbone.autocast():

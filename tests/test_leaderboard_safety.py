@@ -67,12 +67,14 @@ def test_discovery_refuses_a_method_name_that_is_not_an_identifier(monkeypatch):
 
     monkeypatch.setattr(methods, "entry_points", lambda group: [EntryPoint()])
     methods.discover.cache_clear()
+    methods.plugins.cache_clear()
     try:
         with pytest.raises(ContractError, match="not allowed"):
             methods.discover()
     finally:
         monkeypatch.undo()
         methods.discover.cache_clear()
+        methods.plugins.cache_clear()
 
 
 def test_a_forged_config_hash_is_refused():

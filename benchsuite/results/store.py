@@ -4,6 +4,8 @@ Jobs never share files, so any executor (threads, processes, a Slurm array) can 
 root at once. A result file is either absent or complete: it is written to a temporary file in
 the same directory, fsynced and renamed over the target, so a crash or kill mid-write leaves the
 previous state (at worst a hidden `*.tmp` file that readers ignore), never a truncated result.
+The temporary file's name records the writer's host and pid, so a later run removes it once that
+writer is gone (`benchsuite.tempfiles.sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Callable, Iterator
 import filelock
 
 from ..errors import ResultError
+from ..tempfiles import temp_prefix
 from .schema import validate_schema
 
 LOCK_DIR = ".locks"
@@ -47,7 +50,7 @@ def dump_json(data: Any) -> str:
 def atomic_write_text(target: Path, text: str) -> None:
     """Write `text` to `target` via temp file + fsync + os.replace; no partial file ever exists."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:

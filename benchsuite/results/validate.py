@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..engine.recipe import config_hash, resolve_recipe
+from ..engine.recipe import config_hash, declarations, resolve_recipe
 from ..errors import ProtocolError
 from ..protocols import Protocol, load_protocol
 from .schema import json_path, validate_schema
@@ -134,7 +134,7 @@ def _installed_default(method: str, pid: str, dataset: str, shots: int) -> str |
         return None
     pm, _ = job_manager(entry)
     default = pm.hook.recipe(protocol=shipped, dataset=dataset, shots=shots)
-    recipe, _ = resolve_recipe(method, default, shipped.profile, {})
+    recipe, _ = resolve_recipe(method, default, shipped.profile, {}, **declarations(entry.cls))
     return json.dumps(recipe, sort_keys=True, default=str)
 
 
