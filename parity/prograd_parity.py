@@ -143,7 +143,7 @@ def main() -> int:
         opt_p = torch.optim.SGD([learner.ctx], lr=LR, momentum=MOMENTUM, weight_decay=WD)
         out_p = method.train_step(TrainBatch(images, labels, features), 0)
         opt_p.zero_grad(set_to_none=True)
-        method.backward(outputs=out_p, model=learner)
+        method.backward(outputs=out_p, model=learner, scaler=None)
         opt_p.step()
         with torch.no_grad():
             z = torch.nn.functional.normalize(features, dim=-1)

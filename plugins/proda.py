@@ -133,7 +133,6 @@ class PromptCollection(nn.Module):
 class ProDA(Method):
     name = "proda"
     summary = "Prompt Distribution Learning: 32 prompts as a Gaussian over class weights (Lu et al., CVPR'22)"
-    frozen_image_encoder = True
     image_input = "features"
 
     def __init__(self) -> None:

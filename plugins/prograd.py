@@ -131,7 +131,6 @@ def prograd_backward(ce: torch.Tensor, kl: torch.Tensor, params: list[nn.Paramet
 class ProGrad(Method):
     name = "prograd"
     summary = "Prompt-aligned Gradient: CoOp whose update is projected against a zero-shot teacher (Zhu et al., ICCV'23)"
-    frozen_image_encoder = True
     image_input = "features"
 
     def __init__(self) -> None:
@@ -184,9 +183,10 @@ class ProGrad(Method):
         return {"loss": ce, "kl_loss": kl}
 
     @hookimpl
-    def backward(self, outputs: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    def backward(self, outputs: dict[str, torch.Tensor], model: nn.Module,
+                 scaler: Optional["torch.amp.GradScaler"]) -> bool:
         params = [p for p in model.parameters() if p.requires_grad]
-        prograd_backward(outputs["loss"], outputs["kl_loss"], params, self.lam)
+        prograd_backward(outputs["loss"], outputs["kl_loss"], params, self.lam, scaler)
         return True
 
     @hookimpl

@@ -181,9 +181,9 @@ def test_trainable_parameters_on_vit_b16(vit_b16):
 def test_cli_run_on_base2new(tmp_path, tiny_checkpoint, data_root):
     results = tmp_path / "results"
     code, out, err = run_quiet(run_args("base2new", tiny_checkpoint, data_root, results, "--method", "proda",
-                                        "--dataset", "oxford_pets", "--seeds", "1", "--set", "epochs=1", "--quiet"))
+                                        "--dataset", "oxford_pets", "--seeds", "1", "--set", "epochs=2", "--quiet"))
     assert code == 0, out + err
     [path] = result_files(results)
     result = json.loads(path.read_text())
     assert result["job"]["method"] == "proda"
-    assert result["method"]["recipe"]["n_prompts"] == 32 and result["method"]["recipe"]["epochs"] == 1
+    assert result["method"]["recipe"]["n_prompts"] == 32 and result["method"]["recipe"]["epochs"] == 2

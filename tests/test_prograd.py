@@ -146,11 +146,24 @@ def test_step_gradient_is_the_projection_of_the_two_separate_gradients(tiny_back
     out = method.train_step(b, 0)
     g_ce, = torch.autograd.grad(out["loss"], learner.ctx, retain_graph=True)
     g_kl, = torch.autograd.grad(out["kl_loss"], learner.ctx, retain_graph=True)
-    method.backward(outputs=out, model=learner)
+    method.backward(outputs=out, model=learner, scaler=None)
     dot = float((g_ce * g_kl).sum())
     assert (dot < 0) == conflict  # both branches are exercised
     expected = g_ce - (dot / float((g_kl * g_kl).sum())) * g_kl if dot < 0 else g_ce
     torch.testing.assert_close(learner.ctx.grad, expected, atol=1e-7, rtol=1e-5)
+
+
+def test_hook_with_a_grad_scaler_leaves_scale_times_the_projected_gradient(tiny_backbone):
+    """What the harness expects: .grad = scale x intended gradient; it unscales and steps itself."""
+    grads = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=512.0)):
+        method, learner = make(tiny_backbone)
+        torch.manual_seed(4)
+        learner.ctx.data.add_(0.05 * torch.randn_like(learner.ctx))
+        out = method.train_step(batch(tiny_backbone, seed=4), 0)
+        method.backward(outputs=out, model=learner, scaler=scaler)
+        grads.append(learner.ctx.grad)
+    torch.testing.assert_close(grads[1], 512.0 * grads[0], atol=1e-6, rtol=1e-5)
 
 
 def test_kl_is_the_soft_target_cross_entropy(tiny_backbone):
@@ -172,7 +185,7 @@ def test_teacher_text_is_encoded_once_not_per_step(tiny_backbone, monkeypatch):
     monkeypatch.setattr(type(tiny_backbone), "encode_text", lambda self, texts: calls.append(texts))
     for step in range(2):
         out = method.train_step(batch(tiny_backbone, seed=step), 0)
-        method.backward(outputs=out, model=learner)
+        method.backward(outputs=out, model=learner, scaler=None)
     assert calls == []
 
 
@@ -183,7 +196,7 @@ def test_a_step_under_cpu_autocast_bf16(tiny_checkpoint):
     with backbone.autocast():
         out = method.train_step(b, 0)
     assert all(v.dtype == torch.float32 for v in out.values())
-    method.backward(outputs=out, model=learner)
+    method.backward(outputs=out, model=learner, scaler=None)
     assert learner.ctx.grad is not None and learner.ctx.grad.dtype == torch.float32
     assert bool(torch.isfinite(learner.ctx.grad).all()) and float(learner.ctx.grad.abs().sum()) > 0
 
@@ -205,10 +218,10 @@ def test_trainable_parameters_on_vit_b16(vit_b16):
 def test_cli_run_on_base2new(tmp_path, tiny_checkpoint, data_root):
     results = tmp_path / "results"
     code, out, err = run_quiet(run_args("base2new", tiny_checkpoint, data_root, results, "--method", "prograd",
-                                        "--dataset", "oxford_pets", "--seeds", "1", "--set", "epochs=1", "--quiet"))
+                                        "--dataset", "oxford_pets", "--seeds", "1", "--set", "epochs=2", "--quiet"))
     assert code == 0, out + err
     [path] = result_files(results)
     result = json.loads(path.read_text())
     assert result["job"]["method"] == "prograd"
     recipe = result["method"]["recipe"]
-    assert recipe["lambda"] == 1.0 and recipe["n_ctx"] == 16 and recipe["epochs"] == 1
+    assert recipe["lambda"] == 1.0 and recipe["n_ctx"] == 16 and recipe["epochs"] == 2
