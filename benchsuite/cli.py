@@ -114,10 +114,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from .bench import format_report, run_bench
+    from .engine.recipe import parse_overrides
 
     backbone = _load_backbone(args, args.backbone, args.pretrained)
     report = run_bench(backbone, args.method, args.protocol, warmup=args.warmup, iters=args.iters,
-                       eval_images=args.eval_images, workers=args.workers)
+                       eval_images=args.eval_images, workers=args.workers, overrides=parse_overrides(args.set or []),
+                       compare=parse_overrides(args.compare or []), straightforward=not args.no_straightforward)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -236,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data loader processes for the pipeline measurement")
     p.add_argument("--model-cache")
     p.add_argument("--json", help="also write the measurements to this JSON file")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                   help="override recipe entries as `run --set` does (cocoop.batch_size=32)")
+    p.add_argument("--compare", nargs="+", metavar="KEY=VALUE",
+                   help="also time the training step of a second instance with these recipe overrides, in "
+                        "alternation (cocoop.batched_text=false: CoCoOp's per-image loop)")
+    p.add_argument("--no-straightforward", action="store_true",
+                   help="skip timing the training step with the fast paths off")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("toy-pretrain", help="pretrain the small CLIP shipped with benchsuite on the toy world")
