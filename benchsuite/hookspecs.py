@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .clip.backbone import Backbone
+    from .clip.backbone import Backbone, ModelSpec
+    from .data.registry import DatasetSpec
     from .data.transforms import ImageSpec
     from .protocols import Protocol
 
@@ -115,11 +116,31 @@ class EvalBatch:
 
 
 class DiscoverySpec:
-    """Hooks of the discovery plugin manager (modules named by entry points)."""
+    """Hooks of the discovery plugin manager (modules named by entry points). Every hook is optional:
+    a plugin implements the ones for what it contributes. The toy world (``benchsuite.toy.plugin``)
+    uses the last three, through the same entry-point group a third party uses."""
 
     @hookspec
     def benchsuite_methods(self) -> list[type[Method]]:
         """Return the :class:`Method` subclasses this plugin contributes."""
+
+    @hookspec
+    def benchsuite_datasets(self) -> list["DatasetSpec"]:
+        """Return datasets (``benchsuite.data.registry.DatasetSpec``) to register next to the built-in
+        ones. A spec with ``default_root`` needs no ``--data-root``: it returns (creating it on first
+        use) the folder that holds the dataset, as the toy world does. A name registered twice with
+        different specs is an error naming both."""
+
+    @hookspec
+    def benchsuite_models(self) -> list["ModelSpec"]:
+        """Return open_clip model configs and named checkpoints shipped with the plugin
+        (``benchsuite.clip.backbone.ModelSpec``); ``--backbone NAME --pretrained CHECKPOINT_NAME`` then
+        loads them like any local checkpoint file."""
+
+    @hookspec
+    def benchsuite_commands(self, subparsers: Any) -> None:
+        """Add subcommands to the ``benchsuite`` command line (``subparsers`` is argparse's; set
+        ``func`` with ``set_defaults`` to a callable taking the parsed namespace and returning the exit code)."""
 
 
 class MethodSpec:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Hashable, Iterable
 
 from tabulate import tabulate
 
+from .errors import BenchsuiteError
+
 from .protocols import Protocol, load_protocol
 from .results.store import ResultStore, atomic_write_text
 from .results.validate import validate_result
@@ -58,10 +60,10 @@ Refusals = list[tuple[str, str]]
 def _title(name: str) -> str:
     """Display title from the dataset registry when it is available, else the raw name."""
     try:
-        from .data.registry import DATASETS  # lazy: optional at import time
+        from .data.registry import get_dataset  # lazy: optional at import time
 
-        return str(DATASETS[name].title)
-    except (ImportError, KeyError, AttributeError, TypeError):
+        return str(get_dataset(name).title)
+    except (ImportError, KeyError, AttributeError, TypeError, BenchsuiteError):
         return name
 
 

@@ -62,6 +62,7 @@ def oot_installed():
         finally:
             _pip("uninstall", "-y", DIST)
             methods_module.discover.cache_clear()  # no in-process caller keeps seeing the removed plugin
+            methods_module.plugins.cache_clear()
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

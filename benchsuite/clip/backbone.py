@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,22 @@ from .encoders import encode_image_prompted, encode_text_embeddings
 
 PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 _WEIGHT_DTYPES = {"fp32": torch.float32, "amp": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model a plugin ships (hook ``benchsuite_models``): an open_clip config file registered under
+    ``name``, and checkpoint files addressable by their short name through ``--pretrained``."""
+
+    name: str
+    config: Path
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+
+
+def _plugin_models() -> list[ModelSpec]:
+    from ..methods import contributions  # lazy: plugin discovery imports the entry points
+
+    return [spec for _, spec in contributions("benchsuite_models")]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -207,13 +223,13 @@ def load_backbone(model_name: str, pretrained: str, *, precision: str = "fp32", 
     """Build, freeze and place the backbone; hash its weights before any precision cast."""
     import open_clip
 
-    from ..toy.pretrain import HERE as SHIPPED, register_config
-
     if precision not in PRECISIONS:
         raise BackboneError(f"precision {precision!r} is not one of {PRECISIONS}")
-    register_config()  # the shipped small CLIP is an open_clip model name like any other
-    if not Path(pretrained).expanduser().exists() and (SHIPPED / pretrained).is_file():
-        pretrained = str(SHIPPED / pretrained)  # a checkpoint shipped in the package, loaded as a local file
+    for spec in _plugin_models():  # plugin models (the toy world's small CLIP) are open_clip names like any other
+        if spec.name not in open_clip.list_models():
+            open_clip.add_model_config(spec.config)
+        if spec.name == model_name and pretrained in spec.checkpoints and not Path(pretrained).expanduser().exists():
+            pretrained = str(spec.checkpoints[pretrained])  # shipped with the plugin, loaded as a local file
     device = torch.device(device)
     model, source = _create(model_name, pretrained, cache_dir)
     if not hasattr(model, "token_embedding"):
