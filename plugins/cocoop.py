@@ -90,7 +90,6 @@ class ConditionalPromptLearner(nn.Module):
 class CoCoOp(Method):
     name = "cocoop"
     summary = "Conditional CoOp: context shifted per image by a meta-net (Zhou et al., CVPR'22)"
-    frozen_image_encoder = True   # harness before contract v2
     image_input = "features"
 
     def __init__(self) -> None:

@@ -88,7 +88,6 @@ class KgPromptLearner(nn.Module):
 class KgCoOp(Method):
     name = "kgcoop"
     summary = "Knowledge-guided CoOp: CoOp plus a pull towards the hand-crafted text features (Yao et al., CVPR'23)"
-    frozen_image_encoder = True   # harness before contract v2
     image_input = "features"
 
     def __init__(self) -> None:
