@@ -186,7 +186,7 @@ def test_recipe_is_the_published_config(protocol):
 def test_base2new_job_through_the_cli(tmp_path, tiny_checkpoint, tiny_backbone, data_root):
     results = tmp_path / "results"
     code, out, err = run_quiet(run_args("base2new", tiny_checkpoint, data_root, results, "--method", "cocoop",
-                                        "--dataset", "eurosat", "--seeds", "1", "--set", "epochs=1", "--quiet"))
+                                        "--dataset", "eurosat", "--seeds", "1", "--set", "epochs=2", "--quiet"))
     assert code == 0, out + err
     (result,) = load_results(results).values()
     e, d = tiny_backbone.embed_dim, tiny_backbone.text_width
