@@ -25,7 +25,8 @@ from .clip.backbone import Backbone
 from .data import loaders
 from .data.datum import Datum
 from .data.transforms import train_transform
-from .engine.recipe import declarations, resolve_recipe
+from .engine.recipe import Overrides, declarations, resolve_recipe
+from .errors import BenchsuiteError
 from .engine.runner import _peak_memory
 from .engine.evaluate import compute_features, evaluate, feature_batches, image_batches
 from .engine.train import make_optimizer, train_step
@@ -129,29 +130,55 @@ def _synthetic_jpegs(folder: Path, n: int, seed: int) -> list[Datum]:
 
 def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *, dataset: str = "caltech101",
               warmup: int = 2, iters: int = 5, eval_images: int = 200, workers: int | None = None,
-              seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Measure floor, training step (fast and straightforward), evaluation and data pipeline."""
+              seed: int = 0, progress: bool = False, overrides: Overrides | None = None,
+              compare: Overrides | None = None, straightforward: bool = True) -> dict[str, Any]:
+    """Measure floor, training step (fast and straightforward), evaluation and data pipeline.
+
+    ``overrides`` change the recipe as ``run --set`` does; ``compare`` (more recipe overrides, on top
+    of them) times a second instance of the method in alternation with the first, e.g. a method's
+    own benchmark switch (CoCoOp's ``batched_text=false``: its per-image loop); ``straightforward``
+    False skips the step with the fast paths off (it costs the most on large text batches).
+    """
     bar = _Progress(progress)
     try:
-        return _run_bench(backbone, method, protocol_id, dataset, warmup, iters, eval_images, workers, seed, bar)
+        return _run_bench(backbone, method, protocol_id, dataset, warmup, iters, eval_images, workers, seed, bar,
+                          overrides or {}, compare or {}, straightforward)
     finally:
         bar.close()
 
 
 def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, warmup: int, iters: int,
-               eval_images: int, workers: int | None, seed: int, bar: _Progress) -> dict[str, Any]:
+               eval_images: int, workers: int | None, seed: int, bar: _Progress, overrides: Overrides,
+               compare: Overrides, straightforward: bool) -> dict[str, Any]:
     protocol = load_protocol(protocol_id)
     entry = get_method(method)
     pm, _ = job_manager(entry)
     shots = max(protocol.shots)
-    recipe, _ = resolve_recipe(method, pm.hook.recipe(protocol=protocol, dataset=dataset, shots=shots),
-                               protocol.profile, {}, **declarations(entry.cls))
+    default = pm.hook.recipe(protocol=protocol, dataset=dataset, shots=shots)
+    recipe, changed = resolve_recipe(method, default, protocol.profile, overrides, **declarations(entry.cls))
     classnames = CALTECH101[: math.ceil(len(CALTECH101) / 2)] if protocol.task == "base2new" else CALTECH101
     device = backbone.device
     torch.manual_seed(seed)
     ctx = SetupContext(backbone=backbone, classnames=classnames, dataset=dataset, template="a photo of a {}.",
                        recipe=recipe, protocol=protocol, shots=shots, seed=seed, device=device)
     module = pm.hook.setup(ctx=ctx).to(device)
+    variant = None
+    if compare:
+        merged: Overrides = {k: dict(v) for k, v in overrides.items()}
+        for key, values in compare.items():
+            merged.setdefault(key, {}).update(values)
+        variant_recipe, _ = resolve_recipe(method, default, protocol.profile, merged, **declarations(entry.cls))
+        variant_changed = {k: v for k, v in variant_recipe.items() if recipe.get(k) != v}
+        if not variant_changed:
+            raise BenchsuiteError(f"bench --compare: the overrides change nothing in {method}'s recipe; name its keys "
+                                  f"as {method}.KEY=VALUE or KEY=VALUE")
+        if variant_recipe["batch_size"] != recipe["batch_size"]:
+            raise BenchsuiteError("bench --compare must keep the batch size of the measured recipe; "
+                                  "change it for both with --set")
+        variant_pm, _ = job_manager(entry)
+        torch.manual_seed(seed)
+        variant_ctx = SetupContext(**{**ctx.__dict__, "recipe": variant_recipe})
+        variant = (variant_pm, variant_pm.hook.setup(ctx=variant_ctx).to(device))
     batch = int(recipe["batch_size"])
     size = backbone.image_spec.size
     images = torch.randn(batch, 3, size, size, device=device)
@@ -169,7 +196,10 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
 
     out: dict[str, Any] = {"method": method, "protocol": protocol_id, "backbone": backbone.model_name,
                            "pretrained": backbone.pretrained, "precision": backbone.precision, "device": str(device),
-                           "batch_size": batch, "n_classes": len(classnames), "threads": torch.get_num_threads()}
+                           "batch_size": batch, "n_classes": len(classnames), "threads": torch.get_num_threads(),
+                           "recipe_overrides": changed}
+    if variant is not None:
+        out["compare_overrides"] = variant_changed
     params = [p for p in module.parameters() if p.requires_grad]
     if recipe["epochs"] > 0 and params:
         optimizer = make_optimizer(params, recipe)
@@ -181,16 +211,29 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
                 return train_step(pm, method, module, optimizer, backbone, images, labels, views, image_input, 0)
             return run
 
+        timed = {"floor": floor, "fast": step(True)}
+        if straightforward:
+            timed["straightforward"] = step(False)
+        if variant is not None:
+            variant_params = [p for p in variant[1].parameters() if p.requires_grad]
+            variant_optimizer = make_optimizer(variant_params, variant_recipe)
+            timed["compare"] = lambda: train_step(variant[0], method, variant[1], variant_optimizer, backbone, images,
+                                                  labels, views, image_input, 0)
         try:
-            seconds = _timed_interleaved({"floor": floor, "fast": step(True), "straightforward": step(False)},
-                                         device, warmup, iters, bar)
+            seconds = _timed_interleaved(timed, device, warmup, iters, bar)
         finally:
             backbone.truncate_text = truncate
         out["floor_ms_per_image"] = 1000 * seconds["floor"] / batch
         out["train_ms_per_image"] = 1000 * seconds["fast"] / batch
-        out["train_straightforward_ms_per_image"] = 1000 * seconds["straightforward"] / batch
         out["train_ratio_to_floor"] = out["train_ms_per_image"] / out["floor_ms_per_image"]
-        out["train_straightforward_ratio_to_floor"] = out["train_straightforward_ms_per_image"] / out["floor_ms_per_image"]
+        if straightforward:
+            out["train_straightforward_ms_per_image"] = 1000 * seconds["straightforward"] / batch
+            out["train_straightforward_ratio_to_floor"] = (out["train_straightforward_ms_per_image"]
+                                                           / out["floor_ms_per_image"])
+        if variant is not None:
+            out["train_compare_ms_per_image"] = 1000 * seconds["compare"] / batch
+            out["train_compare_ratio_to_floor"] = out["train_compare_ms_per_image"] / out["floor_ms_per_image"]
+            out["train_speedup_over_compare"] = out["train_compare_ms_per_image"] / out["train_ms_per_image"]
     else:
         bar.plan(warmup + iters, "floor")
         out["floor_ms_per_image"] = 1000 * _timed(floor, device, warmup, iters, bar) / batch
@@ -269,8 +312,14 @@ def format_report(r: dict[str, Any]) -> str:
     rows = [("image-encoder floor (forward)", f"{floor:.2f} ms/img", "1.00x")]
     if "train_ms_per_image" in r:
         rows.append(("train step, fast path", f"{r['train_ms_per_image']:.2f} ms/img", f"{r['train_ratio_to_floor']:.2f}x"))
-        rows.append(("train step, straightforward", f"{r['train_straightforward_ms_per_image']:.2f} ms/img",
-                     f"{r['train_straightforward_ratio_to_floor']:.2f}x"))
+        if "train_straightforward_ms_per_image" in r:
+            rows.append(("train step, straightforward", f"{r['train_straightforward_ms_per_image']:.2f} ms/img",
+                         f"{r['train_straightforward_ratio_to_floor']:.2f}x"))
+        if "train_compare_ms_per_image" in r:
+            what = " ".join(f"{k}={v}" for k, v in r["compare_overrides"].items())
+            rows.append((f"train step, --compare {what}", f"{r['train_compare_ms_per_image']:.2f} ms/img",
+                         f"{r['train_compare_ratio_to_floor']:.2f}x (fast path {r['train_speedup_over_compare']:.2f}x "
+                         f"faster)"))
     rows.append(("eval floor (encoder only)", f"{r['eval_floor_images_per_second']:.1f} img/s", "1.00x"))
     rows.append(("eval, first method", f"{r['eval_images_per_second']:.1f} img/s", f"{r['eval_ratio_to_floor']:.2f}x"))
     if "eval_cached_images_per_second" in r:
@@ -281,4 +330,6 @@ def format_report(r: dict[str, Any]) -> str:
     rows.append(("peak memory", f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})", ""))
     head = (f"{r['method']} on {r['backbone']}/{r['pretrained']} ({r['precision']}, {r['device']}, "
             f"{r['threads']} threads), protocol {r['protocol']}: batch {r['batch_size']}, {r['n_classes']} classes")
+    if r.get("recipe_overrides"):
+        head += " (--set " + " ".join(f"{k}={v}" for k, v in r["recipe_overrides"].items()) + ")"
     return head + "\n" + tabulate(rows, headers=["measurement", "value", "vs floor"])

@@ -218,6 +218,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import bench_backbone, format_report, run_bench
     from .engine.preflight import check_device, check_methods
+    from .engine.recipe import parse_overrides
     from .protocols import load_protocol
 
     check_device(args.device)
@@ -227,7 +228,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"benchsuite bench: {args.method} on {model}/{pretrained}, shapes of {protocol.id}", flush=True)
     backbone = _load_backbone(args, model, pretrained)
     report = run_bench(backbone, args.method, args.protocol, warmup=args.warmup, iters=args.iters,
-                       eval_images=args.eval_images, workers=args.loader_workers, progress=True)
+                       eval_images=args.eval_images, workers=args.loader_workers, progress=True,
+                       overrides=parse_overrides(args.set or []), compare=parse_overrides(args.compare or []),
+                       straightforward=not args.no_straightforward)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -381,6 +384,13 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
                                                        "(default: 0 on CPU, min(8, CPU count) on CUDA)")
     p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
     p.add_argument("--json", help="also write the measurements to this JSON file")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                   help="override recipe entries as `run --set` does (cocoop.batch_size=32)")
+    p.add_argument("--compare", nargs="+", metavar="KEY=VALUE",
+                   help="also time the training step of a second instance with these recipe overrides, in "
+                        "alternation (cocoop.batched_text=false: CoCoOp's per-image loop)")
+    p.add_argument("--no-straightforward", action="store_true",
+                   help="skip timing the training step with the fast paths off")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("status", help="done, running, failed and missing jobs of the grids run into a results folder")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchsuite.bench import format_report, run_bench
 from benchsuite.cli import main
+from benchsuite.errors import BenchsuiteError
 
 from conftest import TINY_MODEL
 
@@ -36,3 +39,21 @@ def test_bench_cli_writes_json(tmp_path, tiny_checkpoint, capsys):
     assert code == 0
     assert json.loads(out.read_text())["method"] == "zeroshot_clip"
     assert "image-encoder floor" in capsys.readouterr().out
+
+
+def test_bench_set_and_compare_time_a_second_recipe(tiny_backbone):
+    report = run_bench(tiny_backbone, "cocoop", "base2new", warmup=0, iters=1, eval_images=10,
+                       overrides={"cocoop": {"batch_size": 4}}, compare={"cocoop": {"batched_text": False}},
+                       straightforward=False)
+    assert report["batch_size"] == 4 and report["recipe_overrides"] == {"batch_size": 4}
+    assert report["compare_overrides"] == {"batched_text": False}
+    assert report["train_compare_ms_per_image"] > 0 and "train_straightforward_ms_per_image" not in report
+    assert report["train_speedup_over_compare"] == pytest.approx(
+        report["train_compare_ms_per_image"] / report["train_ms_per_image"])
+    assert "--compare batched_text=False" in format_report(report)
+
+
+def test_bench_compare_that_changes_nothing_is_refused(tiny_backbone):
+    with pytest.raises(BenchsuiteError, match="change nothing"):
+        run_bench(tiny_backbone, "cocoop", "base2new", warmup=0, iters=1, eval_images=10,
+                  compare={"coop": {"batched_text": False}})
