@@ -130,9 +130,9 @@ class PromptSRC(IVLP):
     @hookimpl
     def setup(self, ctx: SetupContext) -> nn.Module:
         r = ctx.recipe
+        gpa_weights(1, r["gpa_mean"], r["gpa_std"])  # refuse a bad std before building anything
         self.learner = self.build(ctx)
         self.weights = (float(r["text_loss_weight"]), float(r["image_loss_weight"]))
-        gpa_weights(1, r["gpa_mean"], r["gpa_std"])  # refuse a bad std before training starts
         self.gpa = GaussianAggregate(self.learner, float(r["gpa_mean"]), float(r["gpa_std"]))
         # training classes only; kept out of the state dict (not a buffer), rebuilt by every setup
         self.anchors = F.normalize(template_anchors(ctx.backbone, ctx.classnames), dim=-1)
