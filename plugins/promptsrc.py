@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchsuite.clip.prompts import EVAL_CHUNK
 from benchsuite.clip.templates import PROMPTSRC_TEMPLATES
 from benchsuite.data.registry import clean_classname
 from benchsuite.errors import BenchsuiteError
@@ -72,12 +73,16 @@ def gpa_weights(epochs: int, mean: float, std: float) -> torch.Tensor:
 
 @torch.no_grad()
 def template_anchors(backbone, classnames: list[str], templates=PROMPTSRC_TEMPLATES) -> torch.Tensor:
-    """Mean over templates of the frozen, unnormalised text features [C, E] (fp32); one
-    text-encoder call per template, so memory stays at one class set of sequences."""
+    """Mean over templates of the frozen, unnormalised text features [C, E] (fp32). Several templates
+    share one text-encoder call, at most `EVAL_CHUNK` sequences, so ImageNet's 60 x 1,000 texts stay
+    within evaluation memory."""
     names = [clean_classname(c) for c in classnames]
+    per_call = max(1, EVAL_CHUNK // max(1, len(names)))
     total = None
-    for template in templates:
-        features = backbone.encode_text([template.replace("{}", name) for name in names]).float()
+    for start in range(0, len(templates), per_call):
+        group = templates[start:start + per_call]
+        texts = [t.replace("{}", name) for t in group for name in names]
+        features = backbone.encode_text(texts).float().view(len(group), len(names), -1).sum(0)
         total = features if total is None else total + features
     return total / len(templates)
 

@@ -60,7 +60,10 @@ def test_recipes_per_protocol_and_epoch_settings():
     assert PromptSRC.epoch_settings == ("gpa_mean", "gpa_std") and PromptSRC.image_input == "images+features"
 
 
-def test_text_anchors_are_the_mean_of_60_templates(tiny_backbone):
+def test_text_anchors_are_the_mean_of_60_templates(tiny_backbone, monkeypatch):
+    import benchsuite_plugins.promptsrc as plugin
+
+    monkeypatch.setattr(plugin, "EVAL_CHUNK", 7)  # 2 templates of 3 classes per call: the grouping is exercised
     method, _ = setup_promptsrc(tiny_backbone)
     assert len(PROMPTSRC_TEMPLATES) == 60 and PROMPTSRC_TEMPLATES[0] == "a photo of a {}."
     with torch.no_grad():
