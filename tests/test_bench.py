@@ -36,3 +36,16 @@ def test_bench_cli_writes_json(tmp_path, tiny_checkpoint, capsys):
     assert code == 0
     assert json.loads(out.read_text())["method"] == "zeroshot_clip"
     assert "image-encoder floor" in capsys.readouterr().out
+
+
+def test_bench_of_an_image_prompting_method_reports_the_prompted_floor_and_coop(tiny_backbone):
+    report = run_bench(tiny_backbone, "ivlp", "base2new", warmup=0, iters=1, eval_images=10)
+    assert report["batch_size"] == 4
+    for key in ("prompted_floor_ms_per_image", "coop_train_ms_per_image", "train_ratio_to_prompted_floor",
+                "train_ratio_to_coop", "peak_memory_bytes"):
+        assert report[key] > 0, key
+    text = format_report(report)
+    assert "prompted floor" in text and "vs CoOp" in text
+    assert all(p.grad is None for p in tiny_backbone.model.parameters())  # the floor's backward stays off CLIP
+    coop = run_bench(tiny_backbone, "coop", "base2new", warmup=0, iters=1, eval_images=10)
+    assert "prompted_floor_ms_per_image" not in coop and "coop_train_ms_per_image" not in coop
