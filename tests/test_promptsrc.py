@@ -143,3 +143,20 @@ def test_aggregated_prompts_are_the_gaussian_weighted_mean_of_epoch_snapshots(ti
 def test_a_non_positive_gpa_std_is_refused_in_one_line(tiny_backbone, few_templates):
     with pytest.raises(BenchsuiteError, match="gpa_std must be > 0"):
         setup_promptsrc(tiny_backbone, gpa_std=0)
+
+
+def test_ivlp_and_promptsrc_run_end_to_end(tmp_path, tiny_checkpoint, data_root):
+    """Through the CLI on one fixture dataset (base 3 / new 2 classes), 2 epochs with GPA over both."""
+    import json
+
+    from test_run import assert_valid, run_args, run_quiet
+
+    results = tmp_path / "results"
+    argv = run_args("base2new", tiny_checkpoint, data_root, results, "--method", "ivlp", "promptsrc", "--dataset",
+                    "oxford_pets", "--seeds", "1", "--set", "epochs=2", "promptsrc.gpa_mean=1", "promptsrc.gpa_std=1")
+    code, out, err = run_quiet(argv)
+    assert code == 0, out + err
+    for method in ("ivlp", "promptsrc"):
+        (result,) = [json.loads(p.read_text()) for p in (results / "base2new" / method / "oxford_pets").glob("*.json")]
+        assert_valid(result)
+        assert set(result["metrics"]) == {"base", "new"}
