@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -13,6 +14,8 @@ from .errors import ContractError
 from .hookspecs import PROJECT, REQUIRED_HOOKS, DiscoverySpec, HarnessDefaults, Method, MethodSpec
 
 ENTRY_POINT_GROUP = "benchsuite"
+#: Method names: lower-case identifiers (the result schema enforces the same pattern).
+METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,20 @@ def _source_of(ep) -> tuple[str, str]:
     return ("builtin" if name == "benchsuite" else name), dist.version
 
 
+@dataclass(frozen=True)
+class LoadedPlugin:
+    """One entry point of the group, imported and registered in its own discovery manager."""
+
+    name: str
+    source: str
+    version: str
+    pm: pluggy.PluginManager
+
+
 @lru_cache(maxsize=1)
-def discover() -> dict[str, MethodEntry]:
-    """Load every entry point of the group and collect the methods it contributes."""
-    found: dict[str, MethodEntry] = {}
+def plugins() -> tuple[LoadedPlugin, ...]:
+    """Import every entry point of the group once (a broken one warns and is skipped)."""
+    loaded = []
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         source, version = _source_of(ep)
         try:
@@ -52,17 +65,43 @@ def discover() -> dict[str, MethodEntry]:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise ContractError(f"plugin {ep.name!r} ({source}) breaks the discovery contract: {exc}") from exc
-        for classes in pm.hook.benchsuite_methods():
+        loaded.append(LoadedPlugin(ep.name, source, version, pm))
+    return tuple(loaded)
+
+
+def contributions(hook: str) -> list[tuple[LoadedPlugin, object]]:
+    """Every item a discovery hook returns, with the plugin that contributed it."""
+    return [(plugin, item) for plugin in plugins()
+            for items in getattr(plugin.pm.hook, hook)() for item in items or []]
+
+
+def add_commands(subparsers) -> None:
+    """Let plugins add subcommands to the command line."""
+    for plugin in plugins():
+        plugin.pm.hook.benchsuite_commands(subparsers=subparsers)
+
+
+@lru_cache(maxsize=1)
+def discover() -> dict[str, MethodEntry]:
+    """The methods every plugin contributes, by name."""
+    found: dict[str, MethodEntry] = {}
+    for plugin in plugins():
+        source, version, ep_name = plugin.source, plugin.version, plugin.name
+        for classes in plugin.pm.hook.benchsuite_methods():
             for cls in classes or []:
                 name = getattr(cls, "name", "")
                 if not isinstance(cls, type) or not name or not isinstance(name, str):
-                    raise ContractError(f"plugin {ep.name!r} ({source}), hook benchsuite_methods: returned "
+                    raise ContractError(f"plugin {ep_name!r} ({source}), hook benchsuite_methods: returned "
                                         f"{cls!r}, which is not a class with a non-empty `name`")
+                if not METHOD_NAME.fullmatch(name):
+                    raise ContractError(f"plugin {ep_name!r} ({source}): method name {name!r} is not allowed; "
+                                        f"names are lower-case identifiers ({METHOD_NAME.pattern}), since they "
+                                        f"become folder names and leaderboard rows")
                 if name in found:
                     other = found[name]
                     raise ContractError(f"method name {name!r} is provided twice: by {other.source} "
-                                        f"({other.entry_point}) and by {source} ({ep.name}); uninstall one")
-                found[name] = MethodEntry(name, cls, source, version, ep.name)
+                                        f"({other.entry_point}) and by {source} ({ep_name}); uninstall one")
+                found[name] = MethodEntry(name, cls, source, version, ep_name)
     return found
 
 

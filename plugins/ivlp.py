@@ -90,7 +90,6 @@ class IVLPPrompts(nn.Module):
 class IVLP(Method):
     name = "ivlp"
     summary = "Independent vision-language deep prompts, cross-entropy (PromptSRC's IVLP baseline, ICCV'23)"
-    frozen_image_encoder = False  # contract v1; replaced by image_input once the v2 engine lands
     image_input = "images"
 
     def __init__(self) -> None:

@@ -111,7 +111,6 @@ class GaussianAggregate:
 class PromptSRC(IVLP):
     name = "promptsrc"
     summary = "Self-regulating prompts: IVLP + consistency to frozen CLIP + Gaussian prompt aggregation (ICCV'23)"
-    frozen_image_encoder = False  # contract v1: frozen features are computed from batch.images
     image_input = "images+features"
     epoch_settings = ("gpa_mean", "gpa_std")
 
@@ -144,7 +143,8 @@ class PromptSRC(IVLP):
         return self.learner
 
     def frozen_image_features(self, batch: TrainBatch) -> torch.Tensor:
-        """The unprompted encoder's features of the batch: from the harness when it provides them."""
+        """The unprompted encoder's features of the batch: the harness's ("images+features"), or computed here
+        when the step is called directly (tests, tools)."""
         features = batch.image_features
         if features is None:
             with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 
 from benchsuite.data import registry
 from benchsuite.data.registry import format_template, load_dataset
-from benchsuite.errors import DatasetError
+from benchsuite.errors import ContractError, DatasetError
 from benchsuite.toy import datasets as toy
 from benchsuite.toy.world import (
     COLORS,
@@ -38,7 +38,13 @@ SOURCE = "toy_objects"
 def _private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test sees the built-in registry plus the toy datasets, never leaking them to other modules."""
     monkeypatch.setattr(registry, "DATASETS", dict(registry.DATASETS))
-    toy.register_toy_datasets()
+    register_plugin_datasets(monkeypatch)
+
+
+def register_plugin_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register the datasets plugins contribute (the toy world's entry point) into the private registry."""
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    registry.all_datasets()
 
 
 @pytest.fixture(scope="module")
@@ -274,8 +280,8 @@ def test_dg_targets_use_source_names_and_subset_labels(world: Path) -> None:
         assert all(source.classnames[d.label] == d.classname for d in target.test)
 
 
-def test_registry_entries_and_idempotent_registration() -> None:
-    toy.register_toy_datasets()  # second call (the fixture made the first): no error, no duplicate
+def test_registry_entries_and_idempotent_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+    register_plugin_datasets(monkeypatch)  # second registration (the fixture made the first): no error, no duplicate
     specs = {n: registry.DATASETS[n] for n in toy.toy_dataset_names()}
     assert {n: s.title for n, s in specs.items()} == {
         "toy_objects": "ToyObjects", "toy_shapes": "ToyShapes", "toy_colors": "ToyColors",
@@ -292,8 +298,8 @@ def test_registry_entries_and_idempotent_registration() -> None:
     assert "split_zhou_toy_shapes.json" in specs["toy_shapes"].layout
     registry.DATASETS["toy_shapes"] = registry.DatasetSpec(name="toy_shapes", folder="elsewhere", title="X",
                                                            template="{}", layout="", reader=lambda p: None)
-    with pytest.raises(ValueError, match="toy_shapes"):
-        toy.register_toy_datasets()
+    with pytest.raises(ContractError, match="toy_shapes"):
+        register_plugin_datasets(monkeypatch)
 
 
 def test_missing_world_names_materialize(tmp_path: Path) -> None:

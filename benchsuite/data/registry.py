@@ -11,8 +11,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from ..errors import DatasetError
+from ..errors import ContractError, DatasetError
+from ..suggest import unknown
 from . import readers
 from .datum import DatasetSplits
 
@@ -29,9 +31,13 @@ class DatasetSpec:
     reader: Callable[[Path], DatasetSplits]
     test_only: bool = False
     sample_val: bool = True  # few-shot also samples val; CoOp's ImageNet does not (its val is the test set)
+    #: for generated data (the toy world): returns the data root holding this dataset, creating it on
+    #: first use, so that no --data-root is needed
+    default_root: Optional[Callable[[], Path]] = None
 
 
 DATASETS: dict[str, DatasetSpec] = {}
+_plugins_loaded = False
 
 
 def register_dataset(spec: DatasetSpec) -> None:
@@ -41,11 +47,29 @@ def register_dataset(spec: DatasetSpec) -> None:
     DATASETS[spec.name] = spec
 
 
+def all_datasets() -> dict[str, DatasetSpec]:
+    """Built-in datasets plus those plugins contribute (``benchsuite_datasets``), registered once."""
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        from ..methods import contributions  # lazy: plugin discovery imports the entry points
+
+        for plugin, spec in contributions("benchsuite_datasets"):
+            existing = DATASETS.get(spec.name)
+            if existing is None:
+                register_dataset(spec)
+            elif existing != spec:
+                raise ContractError(f"plugin {plugin.name!r} ({plugin.source}) registers dataset {spec.name!r}, "
+                                    f"which is already registered differently; uninstall one")
+    return DATASETS
+
+
 def get_dataset(name: str) -> DatasetSpec:
+    datasets = all_datasets()
     try:
-        return DATASETS[name]
+        return datasets[name]
     except KeyError:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise DatasetError(unknown("dataset", name, datasets) + " (`benchsuite list datasets`)") from None
 
 
 def load_dataset(name: str, data_root: Path) -> DatasetSplits:
@@ -94,8 +118,3 @@ for _name, _folder, _title, _template, _reader, _test_only in _BUILTIN:
     register_dataset(DatasetSpec(name=_name, folder=_folder, title=_title, template=_template,
                                  layout=readers.LAYOUTS[_name], reader=_reader, test_only=_test_only,
                                  sample_val=_name != "imagenet"))
-
-# The procedurally generated toy world registers through the same interface (benchsuite.toy).
-from ..toy.datasets import register_toy_datasets  # noqa: E402  (after the built-ins, by design)
-
-register_toy_datasets()

@@ -310,24 +310,13 @@ def dataset_spec(name: str):
 
     spec = toy_dataset(name)
     return DatasetSpec(name=spec.name, folder=spec.folder, title=spec.title, template=spec.template,
-                       layout=spec.layout, reader=_reader(name), test_only=spec.test_only)
+                       layout=spec.layout, reader=_reader(name), test_only=spec.test_only,
+                       default_root=materialized_root)
 
 
-def register_toy_datasets() -> None:
-    """Register every toy dataset in `benchsuite.data.registry` (idempotent).
-
-    A name already registered with the same spec is skipped; one registered with a different spec
-    (someone else's dataset of the same name) raises ValueError.
-    """
-    from ..data import registry
-
-    for name in toy_datasets():
-        spec = dataset_spec(name)
-        existing = registry.DATASETS.get(name)
-        if existing is None:
-            registry.register_dataset(spec)
-        elif existing != spec:
-            raise ValueError(f"dataset {name!r} is already registered with a different spec: {existing}")
+def materialized_root() -> Path:
+    """The toy world under $BENCHSUITE_CACHE, rendered on first use: the data root of every toy dataset."""
+    return materialize(default_root())
 
 
 # --------------------------------------------------------------------------------------------------
