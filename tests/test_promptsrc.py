@@ -60,6 +60,19 @@ def test_recipes_per_protocol_and_epoch_settings():
     assert PromptSRC.epoch_settings == ("gpa_mean", "gpa_std") and PromptSRC.image_input == "images+features"
 
 
+def test_toy_profiles_scale_the_gpa_settings_with_the_epochs():
+    from benchsuite.engine.recipe import declarations, resolve_recipe
+
+    entry = get_method("promptsrc")
+    for protocol, (epochs, mean, std) in (("toy_base2new", (20, 15, 1)), ("toy_cross_dataset", (20, 6, 10))):
+        toy = load_protocol(protocol)
+        scaled, _ = resolve_recipe("promptsrc", recipe(protocol, "toy_objects"), toy.profile, {},
+                                   **declarations(entry.cls))
+        scale = scaled["epochs"] / epochs
+        assert scale < 1 and scaled["image_input"] == "images+features"
+        assert (scaled["gpa_mean"], scaled["gpa_std"]) == (math.ceil(mean * scale), math.ceil(std * scale))
+
+
 def test_text_anchors_are_the_mean_of_60_templates(tiny_backbone, monkeypatch):
     import benchsuite_plugins.promptsrc as plugin
 
