@@ -7,6 +7,12 @@ images: for a method that trains through a frozen, unprompted image encoder, not
 cheaper, so every other number is reported as a ratio to it. Warm-up iterations are excluded and
 the median of the timed iterations is reported. The training step timed is the harness's own
 `engine.train.train_step`, run once with the fast paths and once with them switched off.
+
+Methods that prompt the image encoder (no frozen image features) backpropagate through it, so two
+more references are timed in the same alternation: the **prompted floor**, the image encoder's
+forward and backward with VPT-deep prompts (4 tokens at depth 9, IVLP's shape, clamped to the
+model), which no such method can undercut; and **CoOp's** training step on the same batch and
+classes, the cheapest text-prompt method. Each method is reported against both.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .errors import BenchsuiteError
 from .engine.runner import _peak_memory
 from .engine.evaluate import compute_features, evaluate, feature_batches, image_batches
 from .engine.train import make_optimizer, train_step
+from .clip.layer_prompts import LayerPrompts, clamp_depth
 from .hookspecs import SetupContext
 from .methods import get_method, job_manager
 from .protocols import Protocol, load_protocol
@@ -128,6 +135,35 @@ def _synthetic_jpegs(folder: Path, n: int, seed: int) -> list[Datum]:
     return items
 
 
+#: VPT-deep prompts of the prompted floor: IVLP/PromptSRC's 4 tokens at depth 9 (clamped to the model).
+FLOOR_PROMPT_TOKENS, FLOOR_PROMPT_DEPTH = 4, 9
+
+
+def _prompted_floor(backbone: Backbone, images: torch.Tensor) -> Callable[[], Any]:
+    """Forward and backward of the prompted image encoder (gradients reach only the prompts)."""
+    prompts = LayerPrompts(clamp_depth(FLOOR_PROMPT_DEPTH, backbone.vision_layers), FLOOR_PROMPT_TOKENS,
+                           backbone.vision_width).to(backbone.device)
+
+    def run() -> None:
+        with backbone.autocast():
+            features = backbone.encode_image(images, prompts=prompts.input, deep_prompts=prompts.deep())
+        features.float().sum().backward()
+        prompts.zero_grad(set_to_none=True)
+    return run
+
+
+def _coop_step(backbone: Backbone, ctx: SetupContext, images: torch.Tensor, labels: torch.Tensor,
+               protocol) -> Callable[[], Any]:
+    """CoOp's training step on the same batch and classes (its own recipe otherwise)."""
+    entry = get_method("coop")
+    pm, _ = job_manager(entry)
+    recipe, _ = resolve_recipe("coop", pm.hook.recipe(protocol=protocol, dataset=ctx.dataset, shots=ctx.shots),
+                               protocol.profile, {}, **declarations(entry.cls))
+    module = pm.hook.setup(ctx=SetupContext(**{**ctx.__dict__, "recipe": recipe})).to(backbone.device)
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], recipe)
+    return lambda: train_step(pm, "coop", module, optimizer, backbone, images, labels, [], recipe["image_input"], 0)
+
+
 def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *, dataset: str = "caltech101",
               warmup: int = 2, iters: int = 5, eval_images: int = 200, workers: int | None = None,
               seed: int = 0, progress: bool = False, overrides: Overrides | None = None,
@@ -219,6 +255,10 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
             variant_optimizer = make_optimizer(variant_params, variant_recipe)
             timed["compare"] = lambda: train_step(variant[0], method, variant[1], variant_optimizer, backbone, images,
                                                   labels, views, image_input, 0)
+        if not frozen:
+            timed["prompted_floor"] = _prompted_floor(backbone, images)
+            if method != "coop":
+                timed["coop"] = _coop_step(backbone, ctx, images, labels, protocol)
         try:
             seconds = _timed_interleaved(timed, device, warmup, iters, bar)
         finally:
@@ -234,6 +274,12 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
             out["train_compare_ms_per_image"] = 1000 * seconds["compare"] / batch
             out["train_compare_ratio_to_floor"] = out["train_compare_ms_per_image"] / out["floor_ms_per_image"]
             out["train_speedup_over_compare"] = out["train_compare_ms_per_image"] / out["train_ms_per_image"]
+        if "prompted_floor" in seconds:
+            out["prompted_floor_ms_per_image"] = 1000 * seconds["prompted_floor"] / batch
+            out["train_ratio_to_prompted_floor"] = out["train_ms_per_image"] / out["prompted_floor_ms_per_image"]
+        if "coop" in seconds:
+            out["coop_train_ms_per_image"] = 1000 * seconds["coop"] / batch
+            out["train_ratio_to_coop"] = out["train_ms_per_image"] / out["coop_train_ms_per_image"]
     else:
         bar.plan(warmup + iters, "floor")
         out["floor_ms_per_image"] = 1000 * _timed(floor, device, warmup, iters, bar) / batch
@@ -310,8 +356,18 @@ def format_report(r: dict[str, Any]) -> str:
 
     floor = r["floor_ms_per_image"]
     rows = [("image-encoder floor (forward)", f"{floor:.2f} ms/img", "1.00x")]
+    if "prompted_floor_ms_per_image" in r:
+        rows.append(("prompted image encoder fwd+bwd (prompted floor)", f"{r['prompted_floor_ms_per_image']:.2f} ms/img",
+                     f"{r['prompted_floor_ms_per_image'] / floor:.2f}x"))
+    if "coop_train_ms_per_image" in r:
+        rows.append(("CoOp train step, same batch", f"{r['coop_train_ms_per_image']:.2f} ms/img",
+                     f"{r['coop_train_ms_per_image'] / floor:.2f}x"))
     if "train_ms_per_image" in r:
         rows.append(("train step, fast path", f"{r['train_ms_per_image']:.2f} ms/img", f"{r['train_ratio_to_floor']:.2f}x"))
+        if "train_ratio_to_prompted_floor" in r:
+            rows.append(("  vs prompted floor", "", f"{r['train_ratio_to_prompted_floor']:.2f}x"))
+        if "train_ratio_to_coop" in r:
+            rows.append(("  vs CoOp", "", f"{r['train_ratio_to_coop']:.2f}x"))
         if "train_straightforward_ms_per_image" in r:
             rows.append(("train step, straightforward", f"{r['train_straightforward_ms_per_image']:.2f} ms/img",
                          f"{r['train_straightforward_ratio_to_floor']:.2f}x"))

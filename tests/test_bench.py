@@ -57,3 +57,16 @@ def test_bench_compare_that_changes_nothing_is_refused(tiny_backbone):
     with pytest.raises(BenchsuiteError, match="change nothing"):
         run_bench(tiny_backbone, "cocoop", "base2new", warmup=0, iters=1, eval_images=10,
                   compare={"coop": {"batched_text": False}})
+
+
+def test_bench_of_an_image_prompting_method_reports_the_prompted_floor_and_coop(tiny_backbone):
+    report = run_bench(tiny_backbone, "ivlp", "base2new", warmup=0, iters=1, eval_images=10)
+    assert report["batch_size"] == 4
+    for key in ("prompted_floor_ms_per_image", "coop_train_ms_per_image", "train_ratio_to_prompted_floor",
+                "train_ratio_to_coop", "peak_memory_bytes"):
+        assert report[key] > 0, key
+    text = format_report(report)
+    assert "prompted floor" in text and "vs CoOp" in text
+    assert all(p.grad is None for p in tiny_backbone.model.parameters())  # the floor's backward stays off CLIP
+    coop = run_bench(tiny_backbone, "coop", "base2new", warmup=0, iters=1, eval_images=10)
+    assert "prompted_floor_ms_per_image" not in coop and "coop_train_ms_per_image" not in coop

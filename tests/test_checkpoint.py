@@ -91,12 +91,12 @@ def test_a_crashed_job_resumes_from_its_last_written_checkpoint(monkeypatch, tmp
     results = tmp_path / "results"
     args = run_args("cross_dataset", tiny_checkpoint, data_root, results, *COMMON, "--checkpoint-every", "2")
 
-    def crash():
+    def crash():  # --fail-fast: the crash stops the process, as a killed job would
         raise RuntimeError("simulated crash")
 
     _stop_at(monkeypatch, 3, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_quiet(args)
+        run_quiet([*args, "--fail-fast"])
     monkeypatch.undo()
     (saved,) = (results / "_checkpoints").glob("*.pt")
     assert torch.load(saved, weights_only=True)["epoch"] == 2

@@ -1,0 +1,253 @@
+"""Parity of the `ivlp` and `promptsrc` plugins with muzairkhattak/PromptSRC, on tiny OpenAI-shaped weights.
+
+Usage (the official repository is obtained separately and never committed)::
+
+    python parity/ivlp_promptsrc_parity.py --official /work/official/PromptSRC
+
+Both sides get the same fp32 weights (`tiny_clip.make_state_dict`), class names, images and initial
+prompts (the official model's prompt tensors are copied into the plugin). Compared, each within 1e-5
+relative: evaluation logits; the training loss; every prompt set after one SGD step (lr 0.0025,
+momentum 0.9, weight decay 5e-4) driven by the official trainer's own ``forward_backward``; and for
+PromptSRC the Gaussian-aggregated prompts and logits after a few one-batch epochs.
+
+What it takes to run the official code here (methods.md 7.12), in this script only: ``dassl`` is
+stubbed (only the trainers' model classes and ``forward_backward`` run), ``.cuda()`` is a no-op,
+``clip._download`` points at a local state dict. The official forward casts every prompt set (and
+PromptSRC's text anchors) with ``.half()`` even in fp32 mode, so its fp32 path does not run as
+shipped (fp16 x fp32 matmul); while the official model runs, ``Tensor.half`` is the identity, which
+makes both sides fp32. PromptSRC's ``ZS_image_encoder`` is built in fp16 by the official code and is
+cast to fp32 here for the same reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+import tempfile
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_clip import benchsuite_backbone, make_state_dict, report  # noqa: E402
+
+SHAPE = dict(layers=4, text_width=128, vision_width=128, embed_dim=64, image_size=64, patch_size=16)
+CLASSNAMES = ["golden_retriever", "cat", "sea lion", "airplane_cabin", "1993 Geo Metro Convertible"]
+DEPTH = 3  # < 4 blocks: the blocks after the prompted ones are exercised too
+LR, BATCH = 0.0025, 4
+
+
+# ---- running the official code -----------------------------------------------------------------
+def stub_dassl() -> None:
+    class Registry:
+        def register(self, *args, **kwargs):
+            return args[0] if args and callable(args[0]) else (lambda obj: obj)
+
+    def unused(*_a, **_k):
+        raise RuntimeError("the parity script runs the official model classes and forward_backward only")
+
+    root = types.ModuleType("dassl")
+    sys.modules["dassl"] = root
+    for sub, attrs in {"engine": {"TRAINER_REGISTRY": Registry(), "TrainerX": object},
+                       "utils": {"load_pretrained_weights": unused, "load_checkpoint": unused},
+                       "optim": {"build_optimizer": unused, "build_lr_scheduler": unused}}.items():
+        module = types.ModuleType(f"dassl.{sub}")
+        module.__dict__.update(attrs)
+        sys.modules[f"dassl.{sub}"] = module
+        setattr(root, sub, module)
+
+
+def load_official(repo: Path, module: str):
+    """``trainers.<module>`` of the official repository (already first on sys.path)."""
+    if not (repo / "trainers" / f"{module}.py").is_file():
+        raise SystemExit(f"{repo}/trainers/{module}.py: not found; pass --official <clone of muzairkhattak/PromptSRC>")
+    return importlib.import_module(f"trainers.{module}")
+
+
+@contextlib.contextmanager
+def official_runtime():
+    """No CUDA calls, and `.half()` as the identity (the official fp32 path is then fp32 throughout)."""
+    saved = torch.nn.Module.cuda, torch.Tensor.cuda, torch.Tensor.half
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.half = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.nn.Module.cuda, torch.Tensor.cuda, torch.Tensor.half = saved
+
+
+def ns(**items) -> SimpleNamespace:
+    return SimpleNamespace(**{k: ns(**v) if isinstance(v, dict) else v for k, v in items.items()})
+
+
+def official_cfg(trainer: str, epochs: int, gpa=(2, 1)) -> SimpleNamespace:
+    node = {"N_CTX_VISION": 4, "N_CTX_TEXT": 4, "CTX_INIT": "a photo of a", "PREC": "fp32",
+            "PROMPT_DEPTH_VISION": DEPTH, "PROMPT_DEPTH_TEXT": DEPTH}
+    if trainer == "PROMPTSRC":
+        node.update(TEXT_LOSS_WEIGHT=25, IMAGE_LOSS_WEIGHT=10, GPA_MEAN=gpa[0], GPA_STD=gpa[1])
+    return ns(MODEL={"BACKBONE": {"NAME": "ViT-B/16"}, "INIT_WEIGHTS": ""}, INPUT={"SIZE": (SHAPE["image_size"],) * 2},
+              OPTIM={"MAX_EPOCH": epochs}, TRAINER={trainer: node})
+
+
+def official_trainer(module, trainer_cls: str, cfg, classnames):
+    """The official CustomCLIP, frozen as the trainer's build_model freezes it, inside a bare trainer
+    object whose `forward_backward` is the official one (one batch = one epoch, constant lr)."""
+    with official_runtime():
+        clip_model = module.load_clip_to_cpu(cfg)
+        clip_model.float()  # the trainers' fp32 / amp branch
+        model = module.CustomCLIP(cfg, classnames, clip_model)
+    if hasattr(model.prompt_learner, "ZS_image_encoder"):
+        model.prompt_learner.ZS_image_encoder.float()  # built in fp16 by the official code
+    for name, param in model.named_parameters():  # the trainer's rule
+        learnable = ("prompt_learner" in name and "ZS_image_encoder" not in name) or "VPT" in name
+        param.requires_grad_(learnable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer = object.__new__(getattr(module, trainer_cls))
+    trainer.model, trainer.cfg, trainer.scaler, trainer.device = model, cfg, None, torch.device("cpu")
+    trainer.optim = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4, dampening=0, nesterov=False)
+    trainer.batch_idx, trainer.num_batches, trainer.update_lr = 0, 1, lambda: None
+    if hasattr(trainer, "get_gauss"):  # PromptSRC's GPA state, as its build_model sets it up
+        node = cfg.TRAINER.PROMPTSRC
+        gauss = trainer.get_gauss(node.GPA_MEAN, node.GPA_STD)
+        weights = [gauss(e) for e in range(1, cfg.OPTIM.MAX_EPOCH + 1)]
+        trainer.gauss = [w / sum(weights) for w in weights]
+        trainer.step_counter, trainer.previous_model_gpa = 1, None
+    return trainer
+
+
+def official_prompts(model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    text = [model.prompt_learner.ctx] + [model.text_encoder.transformer.resblocks[i].VPT_shallow
+                                         for i in range(1, DEPTH)]
+    vision = [model.image_encoder.VPT] + [model.image_encoder.transformer.resblocks[i].VPT_shallow
+                                          for i in range(1, DEPTH)]
+    return text, vision
+
+
+# ---- the plugin side ---------------------------------------------------------------------------
+def plugin(name: str, backbone, epochs: int, gpa=(2, 1)):
+    from benchsuite.engine.train import make_optimizer
+    from benchsuite.hookspecs import SetupContext
+    from benchsuite.methods import get_method, job_manager
+    from benchsuite.protocols import load_protocol
+
+    pm, method = job_manager(get_method(name))
+    protocol = load_protocol("base2new")
+    recipe = {**pm.hook.recipe(protocol=protocol, dataset="caltech101", shots=16), "prompt_depth_text": DEPTH,
+              "prompt_depth_vision": DEPTH, "epochs": epochs, "lr": LR, "momentum": 0.9, "weight_decay": 5e-4}
+    if name == "promptsrc":
+        recipe.update(gpa_mean=gpa[0], gpa_std=gpa[1])
+    ctx = SetupContext(backbone=backbone, classnames=CLASSNAMES, dataset="caltech101", template="a photo of a {}.",
+                       recipe=recipe, protocol=protocol, shots=16, seed=1, device=torch.device("cpu"))
+    module = method.setup(ctx)
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], recipe)
+    return method, module, optimizer
+
+
+def eval_logits_plugin(method, images):
+    from benchsuite.hookspecs import EvalBatch
+
+    method.learner.eval()
+    with torch.no_grad():
+        method.prepare_eval(CLASSNAMES, "caltech101", "a photo of a {}.")
+        return method.predict(EvalBatch(labels=torch.zeros(len(images), dtype=torch.long), images=images))
+
+
+def eval_logits_official(model, images):
+    model.eval()
+    with torch.no_grad(), official_runtime():
+        return model(images)
+
+
+def plugin_step(method, module, optimizer, images, labels):
+    from benchsuite.hookspecs import TrainBatch
+
+    module.train()
+    out = method.train_step(TrainBatch(images, labels), 0)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return out
+
+
+def official_step(trainer, images, labels) -> float:
+    trainer.model.train()
+    with official_runtime():
+        return trainer.forward_backward({"img": images, "label": labels})["loss"]
+
+
+def compare_prompts(tag: str, official, module) -> bool:
+    text, vision = official
+    ok = True
+    for i, (o, p) in enumerate(zip(text, module.text.sets)):
+        ok &= report(f"{tag}: text prompt set {i}", p, o)
+    for i, (o, p) in enumerate(zip(vision, module.vision.sets)):
+        ok &= report(f"{tag}: vision prompt set {i}", p, o)
+    return ok and len(text) == module.text.depth and len(vision) == module.vision.depth
+
+
+def run(name: str, official_module, trainer_cls: str, cfg_name: str, backbone, images, labels, epochs: int) -> bool:
+    print(f"== {name} (depth {DEPTH}/{DEPTH}, 4+4 tokens, {len(CLASSNAMES)} classes, batch {BATCH})")
+    trainer = official_trainer(official_module, trainer_cls, official_cfg(cfg_name, epochs), CLASSNAMES)
+    method, module, optimizer = plugin(name, backbone, epochs)
+    text, vision = official_prompts(trainer.model)
+    ok = report(f"{name}: word-initialised text context", module.text.sets[0], text[0])
+    with torch.no_grad():  # same initial random prompt sets on both sides
+        for p, o in zip(list(module.text.sets) + list(module.vision.sets), text + vision):
+            p.copy_(o)
+    ok &= report(f"{name}: eval logits at init", eval_logits_plugin(method, images),
+                 eval_logits_official(trainer.model, images))
+    loss = plugin_step(method, module, optimizer, images, labels)["loss"]
+    official_loss = official_step(trainer, images, labels)
+    ok &= report(f"{name}: training loss (first step)", loss.detach(), torch.tensor(official_loss))
+    ok &= compare_prompts(f"{name} after one SGD step", (text, vision), module)
+    if name == "promptsrc":
+        method.epoch_end(0, epochs)
+        for epoch in range(1, epochs):
+            plugin_step(method, module, optimizer, images, labels)
+            method.epoch_end(epoch, epochs)
+            official_step(trainer, images, labels)
+        method.train_end()
+        text, vision = official_prompts(trainer.model)
+        ok &= compare_prompts(f"{name} after GPA over {epochs} epochs", (text, vision), module)
+        ok &= report(f"{name}: eval logits after GPA", eval_logits_plugin(method, images),
+                     eval_logits_official(trainer.model, images))
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--official", type=Path, required=True, help="a clone of muzairkhattak/PromptSRC")
+    parser.add_argument("--epochs", type=int, default=4, help="PromptSRC epochs of one batch for the GPA check")
+    args = parser.parse_args(argv)
+    repo = args.official.resolve()
+    stub_dassl()
+    sys.path.insert(0, str(repo))
+    state = make_state_dict(seed=0, **SHAPE)
+    from clip import clip as official_clip  # the official repository's own clip package
+
+    folder = Path(tempfile.mkdtemp(prefix="bs-parity-ivlp-"))
+    torch.save(state, folder / "official.pt")
+    official_clip._MODELS["ViT-B/16"] = str(folder / "official.pt")
+    official_clip._download = lambda url, root=None: url
+    ivlp_official = load_official(repo, "independentVL")
+    promptsrc_official = load_official(repo, "promptsrc")
+
+    backbone = benchsuite_backbone(state, **SHAPE)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(BATCH, 3, SHAPE["image_size"], SHAPE["image_size"], generator=gen)
+    labels = torch.tensor([0, 3, 1, 4])
+    torch.manual_seed(0)
+    ok = run("ivlp", ivlp_official, "IVLP", "IVLP", backbone, images, labels, 1)
+    torch.manual_seed(0)
+    ok &= run("promptsrc", promptsrc_official, "PromptSRC", "PROMPTSRC", backbone, images, labels, args.epochs)
+    print("PARITY OK" if ok else "PARITY FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
