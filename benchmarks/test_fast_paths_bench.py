@@ -57,7 +57,7 @@ def test_coop_train_step(benchmark, backbone, truncate):
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], recipe)
     size = backbone.image_spec.size
     images, labels = torch.randn(32, 3, size, size), torch.randint(0, len(BASE), (32,))
-    benchmark(lambda: train_step(pm, "coop", module, optimizer, backbone, images, labels, [], True, 0))
+    benchmark(lambda: train_step(pm, "coop", module, optimizer, backbone, images, labels, [], "features", 0))
 
 
 def test_image_encoder_floor(benchmark, backbone):

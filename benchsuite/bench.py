@@ -19,18 +19,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from .clip.backbone import Backbone
 from .data import loaders
 from .data.datum import Datum
 from .data.transforms import train_transform
-from .engine.recipe import resolve_recipe
+from .engine.recipe import declarations, resolve_recipe
 from .engine.runner import _peak_memory
 from .engine.evaluate import compute_features, evaluate, feature_batches, image_batches
 from .engine.train import make_optimizer, train_step
 from .hookspecs import SetupContext
 from .methods import get_method, job_manager
-from .protocols import load_protocol
+from .protocols import Protocol, load_protocol
 
 #: Caltech101 class names in CoOp's label order (the default benchmark shapes: 50 base classes).
 CALTECH101 = (
@@ -46,10 +47,33 @@ CALTECH101 = (
 ).split()
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+class _Progress:
+    """One progress bar over every timed or warm-up call (ViT-B-16 on a CPU takes minutes): the
+    bar advances between calls, never inside a timed region."""
+
+    def __init__(self, enabled: bool):
+        self.bar = tqdm(total=0, desc="bench", unit="call", leave=False, disable=None if enabled else True)
+
+    def plan(self, calls: int, what: str) -> None:
+        self.bar.total += calls
+        self.bar.set_description(f"bench: {what}")
+        self.bar.refresh()
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+_QUIET = _Progress(False)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, progress: _Progress = _QUIET) -> float:
     """Median seconds of `iters` calls after `warmup` untimed ones (CUDA synchronised)."""
     for _ in range(warmup):
         fn()
+        progress.step()
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -59,21 +83,34 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+        progress.step()
     return statistics.median(times)
 
 
 def _timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
-                       iters: int) -> dict[str, float]:
+                       iters: int, progress: _Progress = _QUIET) -> dict[str, float]:
     """Median seconds of each function, timed in alternation so that drifting machine load affects
     the compared measurements alike."""
+    progress.plan(len(fns) * (warmup + iters), "/".join(fns))
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+            progress.step()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
             times[name].append(_timed(fn, device, 0, 1))
+            progress.step()
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_backbone(protocol: Protocol, backbone: str | None, pretrained: str | None) -> tuple[str, str]:
+    """The model `bench` builds: the one given, else the protocol's own (toy protocols name their small
+    CLIP, as `run` follows it), else ViT-B-16 with random weights (no download)."""
+    spec = protocol.spec.get("backbone")
+    if backbone is None and spec is not None:
+        return spec["model"], pretrained or spec["pretrained"]
+    return backbone or "ViT-B-16", pretrained or "none"
 
 
 def _synthetic_jpegs(folder: Path, n: int, seed: int) -> list[Datum]:
@@ -92,14 +129,23 @@ def _synthetic_jpegs(folder: Path, n: int, seed: int) -> list[Datum]:
 
 def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *, dataset: str = "caltech101",
               warmup: int = 2, iters: int = 5, eval_images: int = 200, workers: int | None = None,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Measure floor, training step (fast and straightforward), evaluation and data pipeline."""
+    bar = _Progress(progress)
+    try:
+        return _run_bench(backbone, method, protocol_id, dataset, warmup, iters, eval_images, workers, seed, bar)
+    finally:
+        bar.close()
+
+
+def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, warmup: int, iters: int,
+               eval_images: int, workers: int | None, seed: int, bar: _Progress) -> dict[str, Any]:
     protocol = load_protocol(protocol_id)
     entry = get_method(method)
     pm, _ = job_manager(entry)
     shots = max(protocol.shots)
     recipe, _ = resolve_recipe(method, pm.hook.recipe(protocol=protocol, dataset=dataset, shots=shots),
-                               protocol.profile, {})
+                               protocol.profile, {}, **declarations(entry.cls))
     classnames = CALTECH101[: math.ceil(len(CALTECH101) / 2)] if protocol.task == "base2new" else CALTECH101
     device = backbone.device
     torch.manual_seed(seed)
@@ -110,7 +156,8 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
     size = backbone.image_spec.size
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, len(classnames), (batch,), device=device)
-    frozen = entry.cls.frozen_image_encoder
+    image_input = recipe["image_input"]
+    frozen = image_input == "features"
     n_views = len(pm.hook.train_views(image_spec=backbone.image_spec) or [])
     views = [torch.randn_like(images) for _ in range(n_views)]
     if device.type == "cuda":
@@ -131,12 +178,12 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
         def step(truncated: bool) -> Callable[[], Any]:
             def run() -> Any:
                 backbone.truncate_text = truncated
-                return train_step(pm, method, module, optimizer, backbone, images, labels, views, frozen, 0)
+                return train_step(pm, method, module, optimizer, backbone, images, labels, views, image_input, 0)
             return run
 
         try:
             seconds = _timed_interleaved({"floor": floor, "fast": step(True), "straightforward": step(False)},
-                                         device, warmup, iters)
+                                         device, warmup, iters, bar)
         finally:
             backbone.truncate_text = truncate
         out["floor_ms_per_image"] = 1000 * seconds["floor"] / batch
@@ -145,10 +192,13 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
         out["train_ratio_to_floor"] = out["train_ms_per_image"] / out["floor_ms_per_image"]
         out["train_straightforward_ratio_to_floor"] = out["train_straightforward_ms_per_image"] / out["floor_ms_per_image"]
     else:
-        out["floor_ms_per_image"] = 1000 * _timed(floor, device, warmup, iters) / batch
-    out.update(_bench_eval(backbone, pm, method, module, classnames, frozen, eval_images, warmup, iters, seed))
+        bar.plan(warmup + iters, "floor")
+        out["floor_ms_per_image"] = 1000 * _timed(floor, device, warmup, iters, bar) / batch
+    out.update(_bench_eval(backbone, pm, method, module, classnames, frozen, eval_images, warmup, iters, seed, bar))
     out["eval_ratio_to_floor"] = out["eval_images_per_second"] / out["eval_floor_images_per_second"]
+    bar.plan(1, "data pipeline")
     out.update(_bench_data(backbone, batch, workers, seed))
+    bar.step()
     step_rate = batch / (out.get("train_ms_per_image", out["floor_ms_per_image"]) * batch / 1000)
     out["data_ratio_to_step"] = out["data_images_per_second"] / step_rate
     out["peak_memory_bytes"], out["peak_memory_kind"] = _peak_memory(device)
@@ -157,7 +207,7 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
 
 @torch.no_grad()
 def _bench_eval(backbone: Backbone, pm, method: str, module, classnames, frozen: bool, n: int, warmup: int,
-                iters: int, seed: int) -> dict[str, Any]:
+                iters: int, seed: int, bar: _Progress = _QUIET) -> dict[str, Any]:
     """Evaluation images/s in test batches of 100, through the harness's own `evaluate`: the floor
     (encoder only), a first method (image features computed, as on a cache miss) and a second
     method on the same backbone and test set (features reused, as on a cache hit)."""
@@ -184,12 +234,13 @@ def _bench_eval(backbone: Backbone, pm, method: str, module, classnames, frozen:
     def floor() -> None:
         compute_features(backbone, loader)
 
-    seconds = _timed_interleaved({"floor": floor, "first": first}, device, 1, max(1, iters // 2))
+    seconds = _timed_interleaved({"floor": floor, "first": first}, device, 1, max(1, iters // 2), bar)
     out = {"eval_images": n, "eval_floor_images_per_second": n / seconds["floor"],
            "eval_images_per_second": n / seconds["first"]}
     if frozen:
+        bar.plan(1 + iters, "eval with cached features")
         out["eval_cached_images_per_second"] = n / _timed(lambda: run(feature_batches(features, 100, device)),
-                                                          device, 1, iters)
+                                                          device, 1, iters, bar)
     return out
 
 

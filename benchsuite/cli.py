@@ -10,6 +10,9 @@ from tabulate import tabulate
 
 from .errors import BenchsuiteError
 
+#: where `run` writes by default: a folder of the user's, never the committed leaderboard results
+DEFAULT_RUN_RESULTS = Path("benchsuite-results")
+#: the committed results and leaderboard the maintainers regenerate (`benchsuite leaderboard`)
 DEFAULT_RESULTS = Path("leaderboard/results")
 DEFAULT_LEADERBOARD = Path("leaderboard/README.md")
 
@@ -19,17 +22,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from .methods import discover
 
         rows = [(e.name, e.source if e.source == "builtin" else f"{e.source} {e.version}", e.entry_point,
-                 "yes" if e.cls.frozen_image_encoder else "no", e.cls.summary) for e in discover().values()]
-        print(tabulate(rows, headers=["method", "from", "entry point", "frozen image encoder", "summary"]))
+                 e.cls.image_input, e.cls.summary) for e in discover().values()]
+        print(tabulate(rows, headers=["method", "from", "entry point", "image input", "summary"]))
     elif args.what == "protocols":
-        from .protocols import all_protocols
+        from .protocols import all_protocols, pin_matches
 
         rows = []
-        for p in all_protocols():
+        for p in all_protocols(verify_pin=False):  # listing must work while a pin is stale: it shows the new hash
             data = ", ".join(p.train_datasets) + (f" -> {', '.join(p.spec['targets'])}" if p.task == "transfer" else "")
-            rows.append((p.id, p.version, p.hash if args.hashes else p.hash[:12], p.task,
+            rows.append((p.id, p.version, p.hash if args.hashes else p.hash[:12],
+                         "ok" if pin_matches(p) else "STALE", p.task,
                          ",".join(map(str, p.shots)), ",".join(map(str, p.seeds)), data))
-        print(tabulate(rows, headers=["protocol", "version", "hash", "task", "shots", "seeds", "datasets"]))
+        print(tabulate(rows, headers=["protocol", "version", "hash", "pin", "task", "shots", "seeds", "datasets"]))
+        if any(row[3] == "STALE" for row in rows):
+            print("STALE: the content no longer matches protocols/pins.json; restore the file, or bump its version "
+                  "and pin the hash shown", file=sys.stderr)
     else:
         from .data.registry import all_datasets
 
@@ -45,9 +52,11 @@ def _resolve_world(args: argparse.Namespace):
     With neither --data-root nor --backbone, a real protocol runs its toy counterpart on the shipped
     small CLIP (the embedded default); toy protocols default to the toy world and the small CLIP.
     """
-    from .protocols import load_protocol
+    from .protocols import load_protocol, protocol_ids
 
     protocol_id = args.protocol
+    if protocol_id not in protocol_ids():
+        load_protocol(protocol_id)  # the unknown-protocol error, under the name the user typed
     if not protocol_id.startswith("toy_") and args.data_root is None and args.backbone is None:
         protocol_id = f"toy_{protocol_id}"
         print(f"benchsuite: no --data-root and no --backbone: running {protocol_id}, the toy-world counterpart of "
@@ -85,28 +94,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .data.loaders import PRELOAD_BUDGET
     from .engine.feature_cache import FeatureCache
     from .engine.jobs import expand_grid
+    from .engine.preflight import check_device, check_methods, check_results_folder, preflight
     from .engine.recipe import parse_overrides
     from .engine.runner import Runner
     from .leaderboard import build_tables, load_results
-    from .methods import discover
 
+    results = Path(args.results if args.results is not None else DEFAULT_RUN_RESULTS)
+    print(f"benchsuite: results go to {results.absolute()}" +
+          (" (the default; --results DIR to change)" if args.results is None else ""), flush=True)
+    # checks before cost: nothing below loads a backbone or fetches weights until every check passed
+    check_device(args.device)
+    overrides = parse_overrides(args.set or [])
+    methods = check_methods(args.method or [])
+    check_results_folder(results)
     protocol, data_root, model, pretrained = _resolve_world(args)
-    methods = sorted(discover()) if not args.method or args.method == ["all"] else args.method
     jobs = expand_grid(protocol, methods, args.dataset, args.seeds, args.shots)
+    checked = preflight(jobs, data_root, results, overrides, check_image_files=not args.no_image_check)
     print(f"benchsuite: {len(jobs)} job(s) of {protocol.id} v{protocol.version} on {model}/{pretrained}; "
-          f"data {data_root}", flush=True)
+          f"data {data_root}" + (f"; {checked.images_checked} images checked" if checked.images_checked else ""),
+          flush=True)
     backbone = _load_backbone(args, model, pretrained)
     print(f"benchsuite: {backbone.precision} on {backbone.device}", flush=True)
     backbone.truncate_text = not args.no_text_truncation
-    results = Path(args.results)
     cache = None if args.no_feature_cache else FeatureCache(args.feature_cache)
     runner = Runner(backbone, data_root, results, manifests_root=results / "_manifests",
-                    overrides=parse_overrides(args.set or []), workers=args.workers, feature_cache=cache,
+                    overrides=checked.overrides, workers=args.workers, feature_cache=cache,
                     preload_budget=0 if args.no_preload else PRELOAD_BUDGET,
-                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection)
+                    class_text_once=not args.no_class_text_once, allow_model_selection=args.allow_model_selection,
+                    fail_fast=args.fail_fast)
+    runner._splits.update(checked.splits)  # the datasets the preflight read, not read twice
     summary = runner.run(jobs)
-    print(f"benchsuite: {len(summary.written)} written, {len(summary.skipped)} skipped, "
-          f"{len(summary.failed)} failed; results in {results}")
+    computed, reused = len(summary.written), len(summary.skipped)
+    print(f"benchsuite: {computed} computed, {reused} reused, {len(summary.failed)} failed; results in {results}")
+    if reused and not computed and not summary.failed:
+        print(f"benchsuite: every result was reused from {results}, nothing was computed; pass --results NEWDIR "
+              f"to compute them afresh")
     for line in summary.failed:
         print(f"  failed: {line}", file=sys.stderr)
     if not args.quiet:
@@ -117,11 +139,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import format_report, run_bench
+    from .bench import bench_backbone, format_report, run_bench
+    from .engine.preflight import check_device, check_methods
+    from .protocols import load_protocol
 
-    backbone = _load_backbone(args, args.backbone, args.pretrained)
+    check_device(args.device)
+    check_methods([args.method])
+    protocol = load_protocol(args.protocol)
+    model, pretrained = bench_backbone(protocol, args.backbone, args.pretrained)
+    print(f"benchsuite bench: {args.method} on {model}/{pretrained}, shapes of {protocol.id}", flush=True)
+    backbone = _load_backbone(args, model, pretrained)
     report = run_bench(backbone, args.method, args.protocol, warmup=args.warmup, iters=args.iters,
-                       eval_images=args.eval_images, workers=args.workers)
+                       eval_images=args.eval_images, workers=args.workers, progress=True)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -130,22 +159,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .engine.feature_cache import FeatureCache
+    from .engine.feature_cache import MARKER, FeatureCache
 
     cache = FeatureCache(args.feature_cache)
+    if cache.root.is_dir() and not cache.is_cache_root():
+        print(f"{cache.root} is not a benchsuite feature cache (no {MARKER} file): nothing listed or removed; "
+              f"a cache written before this marker existed can be deleted by hand")
+        return 0
     if args.action == "clear":
         print(f"removed {cache.clear()} cached feature set(s) from {cache.root}")
-        return 0
-    rows = [(e.key[:12], e.meta.get("model"), e.meta.get("pretrained"), e.meta.get("precision"),
-             e.meta.get("n_images"), f"{e.bytes / 2**20:.1f}") for e in cache.entries()]
-    print(tabulate(rows, headers=["key", "model", "pretrained", "precision", "images", "MiB"]))
-    print(f"{len(rows)} entries in {cache.root}")
+    else:
+        rows = [(e.key[:12], e.meta.get("model"), e.meta.get("pretrained"), e.meta.get("precision"),
+                 e.meta.get("n_images"), f"{e.bytes / 2**20:.1f}") for e in cache.entries()]
+        print(tabulate(rows, headers=["key", "model", "pretrained", "precision", "images", "MiB"]))
+        print(f"{len(rows)} entries in {cache.root}")
+    for folder, why in cache.skipped:
+        print(f"skipped {folder.name[:12]}: {why} (remove the folder by hand if it is not needed)")
     return 0
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from .leaderboard import write_leaderboard
 
+    if not Path(args.results).is_dir():
+        raise BenchsuiteError(f"--results {args.results}: no such folder; pass the folder `benchsuite run` wrote "
+                              f"(default {DEFAULT_RUN_RESULTS}; the committed results are {DEFAULT_RESULTS})")
     problems = write_leaderboard(Path(args.results), Path(args.out), check=args.check, tolerance=args.tolerance)
     if args.check:
         if problems:
@@ -181,7 +219,7 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="installed methods, frozen protocols, known datasets")
-    p.add_argument("what", choices=["methods", "protocols", "datasets"])
+    p.add_argument("what", choices=["methods", "protocols", "datasets"], help="what to list")
     p.add_argument("--hashes", action="store_true", help="print full protocol hashes")
     p.set_defaults(func=_cmd_list)
 
@@ -199,9 +237,11 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "amp"],
                    help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--results", default=str(DEFAULT_RESULTS), help=f"results folder (default {DEFAULT_RESULTS})")
+    p.add_argument("--results", help=f"results folder (default ./{DEFAULT_RUN_RESULTS}); a rerun reuses every "
+                                      f"valid result in it")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override recipe entries (marks results non-default)")
-    p.add_argument("--workers", type=int, help="data loader worker processes (default: 0 on CPU, 8 on CUDA)")
+    p.add_argument("--workers", type=int,
+                   help="data loader worker processes (default: 0 on CPU, min(8, CPU count) on CUDA)")
     p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
     p.add_argument("--feature-cache", help="test-set feature cache folder (default $BENCHSUITE_CACHE/features)")
     p.add_argument("--no-feature-cache", action="store_true",
@@ -214,39 +254,49 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
                    help="rebuild the classifier (class text features) before every test batch")
     p.add_argument("--no-preload", action="store_true",
                    help="decode training images from disk at every step instead of once per job")
+    p.add_argument("--no-image-check", action="store_true",
+                   help="skip the check, before any training, that every image the grid reads opens and is complete")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first failing job (default: log its traceback under RESULTS/_logs/, run the "
+                        "other jobs, exit 1 with a summary)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="time a method's training step and evaluation against the image-encoder floor")
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True, help="the installed method to time (benchsuite list methods)")
     p.add_argument("--protocol", default="base2new", help="shapes come from this protocol's recipe (default base2new)")
-    p.add_argument("--backbone", default="ViT-B-16")
-    p.add_argument("--pretrained", default="none", help="'none' (default): the real architecture with random weights")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "amp"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--backbone", help="open_clip model name (default ViT-B-16; a toy protocol: its own small CLIP)")
+    p.add_argument("--pretrained", help="'none' (default): the real architecture with random weights; a toy protocol "
+                                        "without --backbone uses its shipped checkpoint")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "amp"], help="default: amp on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
-    p.add_argument("--eval-images", type=int, default=200)
-    p.add_argument("--workers", type=int, help="data loader processes for the pipeline measurement")
-    p.add_argument("--model-cache")
+    p.add_argument("--eval-images", type=int, default=200, help="synthetic test images per evaluation (default 200)")
+    p.add_argument("--workers", type=int, help="data loader processes for the pipeline measurement "
+                                                "(default: 0 on CPU, min(8, CPU count) on CUDA)")
+    p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=_cmd_bench)
 
 
     p = sub.add_parser("cache", help="list or clear the test-set feature cache")
-    p.add_argument("action", choices=["ls", "clear"])
+    p.add_argument("action", choices=["ls", "clear"], help="ls: list entries; clear: remove them")
     p.add_argument("--feature-cache", help="cache folder (default $BENCHSUITE_CACHE/features)")
     p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("leaderboard", help="merge result files into the markdown leaderboard")
-    p.add_argument("--results", default=str(DEFAULT_RESULTS))
-    p.add_argument("--out", default=str(DEFAULT_LEADERBOARD))
+    p.add_argument("--results", default=str(DEFAULT_RESULTS),
+                   help=f"folder of result files to merge (default {DEFAULT_RESULTS}, the committed results; "
+                        f"`run` writes to ./{DEFAULT_RUN_RESULTS} by default)")
+    p.add_argument("--out", default=str(DEFAULT_LEADERBOARD),
+                   help=f"markdown file to write (default {DEFAULT_LEADERBOARD})")
     p.add_argument("--check", action="store_true", help="exit 1 if --out is stale (for CI); writes nothing")
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="with --check: accept accuracies within this many points (regenerated toy runs)")
     p.set_defaults(func=_cmd_leaderboard)
 
     p = sub.add_parser("validate", help="check result files against the JSON Schema and their protocol")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="result JSON files")
     p.set_defaults(func=_cmd_validate)
     if plugin_commands:
         from .methods import add_commands

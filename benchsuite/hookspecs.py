@@ -17,19 +17,57 @@ Two levels, as in pytest:
 A job runs, in this order::
 
     recipe(protocol, dataset, shots)           -> default hyper-parameters (epochs, lr, ...)
-    setup(ctx)                                 -> nn.Module holding everything learnable
+                                                  (harness: + drop_last, image_input; a toy profile
+                                                  scales epochs, warmup_epochs, Method.epoch_settings)
+    smoke check (only before a training):       a fresh instance runs setup, one train_step +
+                                                  backward, prepare_eval and predict on a few images;
+                                                  RNG restored, nothing of it reaches the real job
+    setup(ctx)                                 -> nn.Module holding everything learnable (moved to
+                                                  the device by the harness)
     train_views(image_spec)                    -> extra view transforms (default none)
     for each epoch:                            (harness: SGD, warm-up, epoch-stepped cosine)
-        for each batch:
-            train_step(batch, epoch)           -> {"loss": tensor, ...}
-            backward(outputs, model)           (harness default: outputs["loss"].backward())
+        for each batch:                        (never smaller than Method.min_batch_size)
+            train_step(batch, epoch)           -> {"loss": fp32 scalar tensor, "part": ..., ...}
+            backward(outputs, model, scaler)   (harness default: loss.backward(), scaled when a
+                                                  GradScaler is active; then the harness unscales,
+                                                  skips non-finite steps, steps and updates)
+        every part's epoch mean recorded and checked for finiteness (one host sync per epoch)
         epoch_end(epoch, num_epochs)
     train_end()
     for each evaluation set:
         prepare_eval(classnames, dataset, template)
-        predict(batch)                         -> logits [B, n_classes]
+        predict(batch)                         -> fp32 logits [B, n_classes]
 
 Capabilities that are not behaviour are class attributes of :class:`Method`.
+
+What a method may use of the backbone (``ctx.backbone``, a :class:`benchsuite.clip.backbone.Backbone`;
+anything else of it is internal and may change):
+
+- ``encode_text(texts)``: frozen features of plain strings, not normalised, no grad.
+- ``encode_image(images, **prompting)``: image features (prompted when given visual prompts,
+  see ``benchsuite.clip.encoders.encode_image_prompted``), not normalised, differentiable.
+- ``encode_embeddings(embeddings, eot, deep_prompts=..., eot_device=...)``: the text encoder on
+  token embeddings (learnable context spliced in), pooled at the EOT position ``eot`` (host).
+- ``tokenize(texts)`` (host token ids, EOT = argmax) and ``embed_tokens(tokens)`` (frozen word
+  embeddings on the device); ``tokenizer`` for ``tokenizer.encode(name)`` (token counts).
+- ``logit_scale``: already exponentiated (about 100 for OpenAI weights), fp32, frozen.
+- Shape facts: ``embed_dim``, ``text_layers``, ``vision_layers``, ``text_width``, ``vision_width``,
+  ``image_size``, ``patch_count`` (patches, without CLS), ``text_context_length``.
+- ``autocast()``: the run's compute context (the harness already wraps train_step, prepare_eval and
+  predict in it); ``fp32()``: leave it for logits and losses; ``device``, ``dtype``, ``precision``,
+  ``image_spec``.
+
+Templates: ``template`` (in :class:`SetupContext` and :func:`prepare_eval`) is a ``str.format``
+pattern with one ``{}``; a class name is cleaned (``_`` becomes a space) before it is inserted:
+``benchsuite.data.registry.format_template(template, classname)`` does exactly that.
+
+Precision: the harness hands training and evaluation image features to methods in fp32. Every
+value ``train_step`` returns and the logits of ``predict`` must be fp32 (compute them under
+``backbone.fp32()``); another dtype is a ContractError naming method and hook. On CUDA with
+``amp`` (fp16 autocast) the harness owns a ``torch.amp.GradScaler``: see :func:`MethodSpec.backward`.
+
+Errors: a method raises ``benchsuite.errors.BenchsuiteError`` (one line, shown as is) for a bad
+recipe value; any other exception fails the job, and the grid goes on (``run --fail-fast`` stops).
 """
 
 from __future__ import annotations
@@ -52,6 +90,10 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+#: Values of ``Method.image_input`` (and of the recipe key ``image_input``).
+IMAGE_INPUTS = ("features", "images", "images+features")
+
+
 class Method:
     """Base class of a method plugin. Subclass it, set the attributes, implement hooks.
 
@@ -61,17 +103,34 @@ class Method:
         Registry name used on the command line and in results (lower-case, no spaces).
     summary:
         One line for ``benchsuite list methods``.
-    frozen_image_encoder:
-        True when the method's image features are those of the frozen, unprompted image encoder
-        (zero-shot, CoOp, CoCoOp, KgCoOp, ProGrad, ProDA). The harness then computes image
-        features itself and passes them as ``batch.image_features`` (and may cache them across
-        methods and seeds). False for methods that prompt or tune the image encoder (IVLP, MaPLe,
-        PromptSRC, GOPro): they receive ``batch.images`` and call ``ctx.backbone.encode_image``.
+    image_input:
+        What image input the method needs (a recipe may override it with the key ``image_input``):
+
+        - ``"features"`` (default): features of the frozen, unprompted image encoder only
+          (zero-shot, CoOp, CoCoOp, KgCoOp, ProGrad, ProDA). The harness computes them (fp32, raw),
+          passes them as ``batch.image_features`` and may serve evaluation from the feature cache.
+        - ``"images"``: augmented images only; the method runs ``ctx.backbone.encode_image`` itself
+          (IVLP, MaPLe, GOPro: they prompt or tune the image encoder).
+        - ``"images+features"``: images, plus at training time the frozen, unprompted encoder's fp32
+          features of the same augmented images (PromptSRC's image consistency term). Evaluation
+          gets images only.
+    epoch_settings:
+        Recipe keys measured in epochs (PromptSRC: ``("gpa_mean", "gpa_std")``). A protocol profile
+        that scales ``epochs`` (toy protocols) scales these keys and ``warmup_epochs`` by the same
+        factor, ``ctx.epoch_scale`` = scaled epochs / recipe epochs; an int stays an int (rounded
+        up, so a positive setting stays >= 1), a float is multiplied exactly.
+    min_batch_size:
+        Smallest training batch the method accepts (GOPro's BatchNorm projector: 2). The loader
+        merges a trailing batch smaller than this into the batch before it (so one batch per epoch
+        may hold up to ``batch_size + min_batch_size - 1`` images); a training set smaller than
+        ``min_batch_size`` is refused.
     """
 
     name: str = ""
     summary: str = ""
-    frozen_image_encoder: bool = True
+    image_input: str = "features"
+    epoch_settings: tuple[str, ...] = ()
+    min_batch_size: int = 1
 
 
 @dataclass
@@ -87,16 +146,21 @@ class SetupContext:
     shots: int
     seed: int
     device: torch.device
+    #: scaled epochs / recipe epochs under a protocol profile (toy protocols), 1.0 for real protocols;
+    #: for epoch-indexed settings the method computes itself (the keys in `epoch_settings` are
+    #: already scaled in `recipe`)
+    epoch_scale: float = 1.0
 
 
 @dataclass
 class TrainBatch:
     """One training batch, already on the device.
 
-    ``images`` are augmented with the protocol's train transform. ``image_features`` is set by the
-    harness (no grad) when the method declares ``frozen_image_encoder``; it is the raw, not yet
-    normalised output of the frozen encoder. ``views`` holds extra augmented views of the same
-    images when the method asked for them through :func:`train_views` (GOPro).
+    ``images`` (always set) are augmented with the protocol's train transform. ``image_features``
+    is set by the harness (fp32, no grad, raw = not normalised, frozen unprompted encoder on these
+    very images) when the method's image input is ``"features"`` or ``"images+features"``.
+    ``views`` holds extra augmented views of the same images when the method asked for them
+    through :func:`train_views` (GOPro).
     """
 
     images: torch.Tensor
@@ -107,8 +171,9 @@ class TrainBatch:
 
 @dataclass
 class EvalBatch:
-    """One evaluation batch. Exactly one of ``images`` / ``image_features`` is set, following
-    ``Method.frozen_image_encoder``; features may come from the harness's feature cache."""
+    """One evaluation batch. ``"features"`` methods get ``image_features`` (fp32, raw, possibly from
+    the feature cache) and no images; ``"images"`` and ``"images+features"`` methods get ``images``
+    only (no frozen features at evaluation time)."""
 
     labels: torch.Tensor
     images: Optional[torch.Tensor] = None
@@ -152,23 +217,31 @@ class MethodSpec:
 
         Keys the harness reads (others are the method's own and are recorded too):
         ``epochs`` (0 = no training), ``batch_size``, ``lr``, ``momentum`` (0.9),
-        ``weight_decay`` (5e-4), ``warmup_epochs`` (1), ``warmup_lr`` (1e-5),
-        ``model_selection`` ("last_epoch"; anything else is refused unless the user explicitly
-        allows it, and such results are marked as off-protocol). The whole dict is hashed into
-        the result's ``config_hash``.
+        ``weight_decay`` (5e-4), ``warmup_epochs`` (1; must be shorter than ``epochs``),
+        ``warmup_lr`` (1e-5), ``drop_last`` (False: every sample is used; True: the toolbox's
+        rule, drop the last partial batch when the training set has at least one full batch),
+        ``image_input`` (default ``Method.image_input``), ``model_selection`` ("last_epoch";
+        anything else is refused unless the user explicitly allows it, and such results are
+        marked as off-protocol). The whole dict is recorded and hashed into the result's
+        ``config_hash``.
         """
 
     @hookspec(firstresult=True)
     def setup(self, ctx: SetupContext) -> nn.Module:
         """Build the method for the training classes and return the module holding its state.
 
-        The harness optimises the module's parameters with ``requires_grad``, toggles its
+        The harness moves the returned module to ``ctx.device``, optimises its parameters with
+        ``requires_grad``, toggles its
         ``train()``/``eval()`` (the frozen backbone stays in eval mode unless the method puts it
         inside this module), and saves its ``state_dict()`` to share a training between protocols
         (cross_dataset and domain_generalization). Register class-dependent tensors (prompt
         prefix/suffix embeddings) as non-persistent buffers: they are rebuilt by
         :func:`prepare_eval` for every evaluation class set and must not be saved.
         Frozen teachers (zero-shot text features, a frozen image encoder) are built here too.
+
+        Before a training, setup also runs once on a separate instance of the method for the
+        one-batch check (random generators are restored afterwards): keep all state on the
+        instance or in the returned module, and never modify the shared ``ctx.backbone``.
         """
 
     @hookspec(firstresult=True)
@@ -185,17 +258,31 @@ class MethodSpec:
     def train_step(self, batch: TrainBatch, epoch: int) -> dict[str, torch.Tensor]:
         """Forward one batch; return a dict with the total ``"loss"`` and any named parts.
 
-        Runs under the harness's autocast context. Do not call ``.item()`` here: values are
+        Every value is a scalar fp32 tensor (a loss part; ``"loss"`` is the total that is
+        backpropagated); compute logits and losses in fp32 (``backbone.fp32()``). Each part's mean
+        per epoch is recorded in the result and checked for finiteness. Runs under the harness's
+        autocast context. Do not call ``.item()`` here (a Python float is refused): values are
         gathered lazily by the harness so a CUDA step never waits on the host.
         """
 
     @hookspec(firstresult=True)
-    def backward(self, outputs: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    def backward(self, outputs: dict[str, torch.Tensor], model: nn.Module,
+                 scaler: Optional["torch.amp.GradScaler"]) -> bool:
         """Turn the step's outputs into ``.grad`` of the parameters, before the optimizer step.
 
-        The harness default calls ``outputs["loss"].backward()``. A method that edits gradients
-        (ProGrad projects the task gradient against the teacher's) implements this hook, fills
-        ``.grad`` itself, and returns True. Gradients are zeroed by the harness before each step.
+        The harness default calls ``outputs["loss"].backward()``, or
+        ``scaler.scale(outputs["loss"]).backward()`` when ``scaler`` is not None (CUDA, fp16
+        autocast). A method that edits gradients (ProGrad projects the task gradient against the
+        teacher's) implements this hook, fills ``.grad`` itself, and returns True.
+
+        What the harness expects from such a method: gradients are zeroed before each step; when
+        ``scaler`` is not None, every backward pass the method runs goes through
+        ``scaler.scale(t).backward()`` (or ``torch.autograd.grad(scaler.scale(t), ...)``), so that
+        on return every ``.grad`` holds ``scaler.get_scale()`` times the intended gradient. Do not
+        unscale, step or update: the harness then unscales (``scaler.unscale_``), skips the step
+        when any gradient is inf/NaN (counted in the result as ``skipped_steps``), steps and
+        updates the scale. Scale-invariant gradient surgery (ProGrad's projection) is correct on
+        scaled gradients; anything that is not must divide by ``scaler.get_scale()`` (a host sync).
         """
 
     @hookspec
@@ -216,7 +303,7 @@ class MethodSpec:
 
     @hookspec(firstresult=True)
     def predict(self, batch: EvalBatch) -> torch.Tensor:
-        """Logits [B, n_classes] for the class set of the last :func:`prepare_eval`."""
+        """fp32 logits [B, n_classes] for the class set of the last :func:`prepare_eval`."""
 
 
 class HarnessDefaults:
@@ -227,8 +314,9 @@ class HarnessDefaults:
         return []
 
     @hookimpl(trylast=True)
-    def backward(self, outputs: dict[str, torch.Tensor], model: nn.Module) -> bool:
-        outputs["loss"].backward()
+    def backward(self, outputs: dict[str, torch.Tensor], model: nn.Module, scaler) -> bool:
+        loss = outputs["loss"]
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         return True
 
     @hookimpl(trylast=True)

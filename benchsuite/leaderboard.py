@@ -10,13 +10,13 @@ leaderboard is stale.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
@@ -67,46 +67,52 @@ def _title(name: str) -> str:
         return name
 
 
-def _created_key(item: _Item) -> tuple[int, float, str]:
-    """Sort key for `created_at`: parseable ISO times by instant; unparseable ones count as oldest."""
-    raw = str(item.result.get("created_at", ""))
-    try:
-        stamp = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return (0, 0.0, raw)
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
-    return (1, stamp.timestamp(), raw)
+def _content_key(item: _Item) -> str:
+    """sha256 of the canonical JSON without `created_at`: which of two results claiming the same job
+    is kept depends on what they report, never on file order or on a submit time the submitter chose."""
+    content = {k: v for k, v in item.result.items() if k != "created_at"}
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def _hm(b: float, n: float) -> float:
     return 0.0 if b + n == 0 else 2.0 * b * n / (b + n)
 
 
+_MARKDOWN_ESCAPES = {"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;",
+                     "[": "\\[", "]": "\\]", "`": "\\`", "|": "\\|", "\r": " ", "\n": " "}
+
+
 def _cell_text(text: str) -> str:
-    """Keep user-provided strings from breaking the markdown table."""
-    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    """Escape a user-supplied string for markdown: no HTML, links, code spans or table breaks."""
+    return "".join(_MARKDOWN_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def _file_cell(name: str) -> str:
+    """A file name as code when that is safe (nothing to escape), else as escaped text."""
+    return f"`{name}`" if _cell_text(name) == name else _cell_text(name)
 
 
 # ----------------------------------------------------------------------------- selection
 
 
-def _keep_newest(items: list[_Item], key: Callable[[_Item], Hashable], why: Callable[[_Item], str],
-                 refused: Refusals) -> list[_Item]:
+def _keep_one(items: list[_Item], key: Callable[[_Item], Hashable], why: Callable[[_Item], str],
+              refused: Refusals) -> list[_Item]:
+    """One result per `key`: the one with the smallest content hash (deterministic by content)."""
     groups: dict[Hashable, list[_Item]] = defaultdict(list)
     for item in items:
         groups[key(item)].append(item)
     kept = []
     for group in groups.values():
-        group.sort(key=lambda i: (_created_key(i), i.label), reverse=True)
+        group.sort(key=lambda i: (_content_key(i), i.label))
         kept.append(group[0])
         refused.extend((other.label, why(group[0])) for other in group[1:])
     return sorted(kept, key=lambda i: i.label)
 
 
 def _reference(users: dict[str, list[_Item]]) -> str:
-    """The fingerprint most results use; ties go to the one submitted first, then by value."""
-    return min(users, key=lambda fp: (-len(users[fp]), min(_created_key(i) for i in users[fp]), fp))
+    """The fingerprint most results use; ties go to the smallest value (content, not submit time)."""
+    return min(users, key=lambda fp: (-len(users[fp]), fp))
 
 
 def _check_fingerprints(items: list[_Item], keys: Callable[[_Item], list[tuple[Hashable, str, str]]],
@@ -149,6 +155,13 @@ def _train_keys(item: _Item) -> list[tuple[Hashable, str, str]]:
     return [(group, item.result["data"]["train"]["fingerprint"], f"incomparable: different training data for {where}")]
 
 
+def _weights_keys(item: _Item) -> list[tuple[Hashable, str, str]]:
+    """Results shown under one backbone heading must come from the very same weights."""
+    b = item.result["backbone"]
+    return [((item.job["protocol"]["id"], *_backbone(item.result)), b["weights_sha256"],
+             f"incomparable: different weights for {b['model']}/{b['pretrained']}")]
+
+
 def _backbone(result: dict[str, Any]) -> tuple[str, str, str]:
     b = result["backbone"]
     return (b["model"], b["pretrained"], b["precision"])
@@ -177,15 +190,17 @@ def select(items: list[_Item]) -> tuple[list[_Item], Refusals]:
             refused.append((item.label, "; ".join(problems)))
         else:
             valid.append(item)
-    valid = _keep_newest(valid, lambda i: i.job["id"],
-                         lambda keep: f"duplicate of job {keep.job['id'][:16]}: superseded by the newer {keep.label}",
-                         refused)
+    valid = _keep_one(valid, lambda i: i.job["id"],
+                      lambda keep: f"duplicate of job {keep.job['id'][:16]}: {keep.label} is kept (the smaller "
+                                   f"content sha256 wins, whatever the created_at)",
+                      refused)
+    valid = _check_fingerprints(valid, _weights_keys, refused)
     valid = _check_fingerprints(valid, _eval_keys, refused)
     valid = _check_fingerprints(valid, _train_keys, refused)
-    valid = _keep_newest(valid, _cell_key,
-                         lambda keep: f"duplicate: {keep.label} is a newer result for the same method, recipe, "
-                                      "backbone, dataset, shots and seed",
-                         refused)
+    valid = _keep_one(valid, _cell_key,
+                      lambda keep: f"duplicate: {keep.label} is kept for the same method, recipe, backbone, dataset, "
+                                   "shots and seed (the smaller content sha256 wins)",
+                      refused)
     return valid, refused
 
 
@@ -305,7 +320,7 @@ def _sections(items: list[_Item]) -> list[str]:
         out.append(f"## {title} ({p.id} v{p.version}, hash {p.hash[:12]})\n")
         per_shot = p.task == "few_shot" or len(p.shots) > 1
         for backbone in sorted(tree[pid]):
-            out.append(f"### {' · '.join(backbone)}\n")
+            out.append(f"### {' · '.join(_cell_text(part) for part in backbone)}\n")
             shots = tree[pid][backbone]
             labels = _labels(key for rows in shots.values() for key in rows)
             for k in sorted(shots):
@@ -348,7 +363,7 @@ def build_leaderboard(results: Iterable[tuple[Path, dict[str, Any]]], root: Path
     parts += _sections(merged) or ["_No results yet._\n"]
     parts.append("## Refused results\n")
     if refused:
-        rows = [[_cell_text(f"`{f}`"), _cell_text(why)] for f, why in sorted(refused)]
+        rows = [[_file_cell(f), _cell_text(why)] for f, why in sorted(refused)]
         parts.append(tabulate(rows, headers=["File", "Reason"], tablefmt="github", disable_numparse=True) + "\n")
     else:
         parts.append("_None._\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -13,6 +14,8 @@ from .errors import ContractError
 from .hookspecs import PROJECT, REQUIRED_HOOKS, DiscoverySpec, HarnessDefaults, Method, MethodSpec
 
 ENTRY_POINT_GROUP = "benchsuite"
+#: Method names: lower-case identifiers (the result schema enforces the same pattern).
+METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ def discover() -> dict[str, MethodEntry]:
                 if not isinstance(cls, type) or not name or not isinstance(name, str):
                     raise ContractError(f"plugin {ep_name!r} ({source}), hook benchsuite_methods: returned "
                                         f"{cls!r}, which is not a class with a non-empty `name`")
+                if not METHOD_NAME.fullmatch(name):
+                    raise ContractError(f"plugin {ep_name!r} ({source}): method name {name!r} is not allowed; "
+                                        f"names are lower-case identifiers ({METHOD_NAME.pattern}), since they "
+                                        f"become folder names and leaderboard rows")
                 if name in found:
                     other = found[name]
                     raise ContractError(f"method name {name!r} is provided twice: by {other.source} "

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from .errors import ProtocolError
+from .suggest import unknown
 
 PINS_FILE = "pins.json"
 TASKS = ("base2new", "transfer", "few_shot")
@@ -104,7 +105,7 @@ def _check_spec(pid: str, spec: dict[str, Any]) -> None:
 def load_protocol(pid: str, *, verify_pin: bool = True) -> Protocol:
     """Load a shipped protocol by id; refuse one whose content does not match its pinned hash."""
     if pid not in protocol_ids():
-        raise ProtocolError(f"unknown protocol {pid!r}; known protocols: {', '.join(protocol_ids())}")
+        raise ProtocolError(unknown("protocol", pid, protocol_ids()) + " (`benchsuite list protocols`)")
     spec = json.loads((_files() / f"{pid}.json").read_text(encoding="utf-8"))
     _check_spec(pid, spec)
     digest = content_hash(spec)
@@ -119,5 +120,10 @@ def load_protocol(pid: str, *, verify_pin: bool = True) -> Protocol:
     return Protocol(id=pid, version=int(spec["version"]), hash=digest, spec=spec)
 
 
-def all_protocols() -> list[Protocol]:
-    return [load_protocol(pid) for pid in protocol_ids()]
+def all_protocols(*, verify_pin: bool = True) -> list[Protocol]:
+    return [load_protocol(pid, verify_pin=verify_pin) for pid in protocol_ids()]
+
+
+def pin_matches(protocol: Protocol) -> bool:
+    """Whether pins.json pins this protocol's (id, version) to its current content hash."""
+    return load_pins().get(protocol.id, {}).get(str(protocol.version)) == protocol.hash

@@ -97,7 +97,7 @@ class PromptLearner(nn.Module):
 class CoOp(Method):
     name = "coop"
     summary = "Context Optimization: learned prompt context, cross-entropy (Zhou et al., IJCV'22)"
-    frozen_image_encoder = True
+    image_input = "features"
 
     def __init__(self) -> None:
         self.backbone = None

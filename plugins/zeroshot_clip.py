@@ -23,7 +23,7 @@ from benchsuite.hookspecs import EvalBatch, Method, SetupContext, hookimpl
 class ZeroshotCLIP(Method):
     name = "zeroshot_clip"
     summary = "Zero-shot CLIP with the dataset's hand-crafted template (CoOp's ZeroshotCLIP)"
-    frozen_image_encoder = True
+    image_input = "features"
 
     def __init__(self) -> None:
         self.backbone = None

@@ -34,6 +34,8 @@ def _ensure_protocols_package() -> None:
 
 _ensure_protocols_package()
 
+from benchsuite.engine.recipe import config_hash, declarations, resolve_recipe  # noqa: E402
+from benchsuite.methods import discover, job_manager  # noqa: E402
 from benchsuite.protocols import load_protocol  # noqa: E402
 
 _DELETE = object()
@@ -65,6 +67,17 @@ def job_id(result: Mapping[str, Any]) -> str:
                result["method"]["config_hash"], b["model"], b["pretrained"], b["precision"])
 
 
+def default_recipe(protocol_id: str, method: str, dataset: str, shots: int) -> dict[str, Any]:
+    """The installed method's resolved default recipe (as `validate` checks it), else a stand-in."""
+    entry = discover().get(method)
+    if entry is None:
+        return {"epochs": 5, "lr": 0.002}
+    p = load_protocol(protocol_id)
+    pm, _ = job_manager(entry)
+    return json.loads(json.dumps(resolve_recipe(method, pm.hook.recipe(protocol=p, dataset=dataset, shots=shots),
+                                                p.profile, {}, **declarations(entry.cls))[0], default=str))
+
+
 def _set(target: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split("__")
     for key in parents:
@@ -82,13 +95,13 @@ def make_result(protocol_id: str, method: str, dataset: str, seed: int, shots: i
     names = p.eval_names
     given = dict(metrics) if metrics is not None else {n: 50.0 + i for i, n in enumerate(names)}
     built = {k: dict(v) if isinstance(v, Mapping) else metric(float(v)) for k, v in given.items()}
-    recipe = {"epochs": 5, "lr": 0.002}
+    recipe = default_recipe(protocol_id, method, dataset, shots)
     result: dict[str, Any] = {
         "schema_version": 1,
         "job": {"id": "0" * 64, "protocol": p.ref(), "method": method, "dataset": dataset,
                 "shots": shots, "seed": seed},
         "method": {"name": method, "source": "builtin", "recipe": recipe,
-                   "config_hash": sha("config", method, recipe), "default_recipe": True, "overrides": {},
+                   "config_hash": config_hash(method, recipe), "default_recipe": True, "overrides": {},
                    "trainable_params": 2048},
         "backbone": {"model": "ViT-B-16", "pretrained": "openai", "weights_sha256": sha("weights"),
                      "precision": "fp16", "device": "cpu"},
@@ -111,9 +124,12 @@ def make_result(protocol_id: str, method: str, dataset: str, seed: int, shots: i
     explicit_id = "job__id" in overrides or "job" in overrides
     for key, value in overrides.items():
         _set(result, key, value if value is _DELETE else copy.deepcopy(value))
+    m = result["method"]
+    if "method__config_hash" not in overrides and isinstance(m, dict) and isinstance(m.get("recipe"), dict):
+        m["config_hash"] = config_hash(result["job"]["method"], m["recipe"])  # the hash follows the recipe
     if not explicit_id:
         result["job"]["id"] = job_id(result)
     return result
 
 
-__all__ = ["DELETE", "eval_fingerprint", "job_id", "make_result", "metric", "sha", "train_fingerprint"]
+__all__ = ["DELETE", "default_recipe", "eval_fingerprint", "job_id", "make_result", "metric", "sha", "train_fingerprint"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -211,10 +210,8 @@ def test_fingerprints_do_not_depend_on_data_location(data_root: Path, tmp_path: 
         assert fingerprint(a.train, a.root) != fingerprint(c.train, c.root)
 
 
-def test_fixture_is_deterministic_and_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_fixture_is_deterministic(tmp_path: Path) -> None:
     make_data_root(tmp_path / "a")
-    assert time.perf_counter() - start < 2.0
     make_data_root(tmp_path / "b", ["oxford_pets", "imagenet"])
     for rel in ("oxford_pets/split_zhou_OxfordPets.json", "oxford_pets/images/Bengal_0.jpg"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()

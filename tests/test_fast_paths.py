@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from benchsuite.data import loaders
 from benchsuite.data.datum import Datum
 from benchsuite.data.transforms import ImageSpec, train_transform
-from benchsuite.engine.feature_cache import FeatureCache, feature_key
+from benchsuite.engine.feature_cache import MARKER, FeatureCache, feature_key
 from benchsuite.engine.recipe import resolve_recipe
 from benchsuite.engine.train import make_optimizer, train_step
 from benchsuite.hookspecs import EvalBatch, SetupContext
@@ -73,7 +73,7 @@ def test_a_few_coop_steps_follow_the_same_trajectory_with_and_without_truncation
         backbone.truncate_text = truncate
         pm, method, module, recipe = _coop(backbone, seed=3)
         optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], {**recipe, "lr": 0.5})
-        losses = [train_step(pm, "coop", module, optimizer, backbone, images, labels, [], True, 0)["loss"].detach()
+        losses = [train_step(pm, "coop", module, optimizer, backbone, images, labels, [], "features", 0)["loss"].detach()
                   for _ in range(4)]
         trajectories[truncate] = (torch.stack(losses), module.ctx.detach().clone())
     assert not torch.equal(trajectories[True][1], _coop(backbone, seed=3)[2].ctx.detach())  # it did move
@@ -144,7 +144,7 @@ def test_concurrent_writers_leave_one_valid_entry(tmp_path):
     assert len(entries) == 1
     feats, labels = cache.get(entries[0].key)
     assert feats.shape == (100, 32) and labels.tolist() == list(range(100))
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != MARKER]  # no temp folders left
 
 
 def test_decoded_once_loader_yields_the_same_batches_as_decoding_every_step(data_root):
@@ -180,7 +180,7 @@ def test_amp_training_step_runs_under_autocast_on_cpu(tiny_checkpoint):
     pm, method, module, recipe = _coop(backbone)
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], recipe)
     images = torch.randn(4, 3, 32, 32)
-    out = train_step(pm, "coop", module, optimizer, backbone, images, torch.tensor([0, 1, 2, 3]), [], True, 0)
+    out = train_step(pm, "coop", module, optimizer, backbone, images, torch.tensor([0, 1, 2, 3]), [], "features", 0)
     assert torch.isfinite(out["loss"])
     assert module.ctx.dtype == torch.float32 and module.ctx.grad is not None  # fp32 master weights
     with backbone.autocast():

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 try:
-    from results_factory import make_result, sha
+    from results_factory import default_recipe, make_result, sha
 except ImportError:  # tests/ imported as a package
-    from tests.results_factory import make_result, sha
+    from tests.results_factory import default_recipe, make_result, sha
 
 from benchsuite.leaderboard import _title, build_leaderboard, write_leaderboard
 from benchsuite.protocols import load_protocol
@@ -169,37 +169,41 @@ def test_refused_results_are_listed_with_reasons(tmp_path: Path) -> None:
     assert len(refused) == 4
 
 
-def test_duplicate_job_ids_keep_the_newest() -> None:
-    values = {"dtd": ([80.0], [60.0])}
-    (old_path, old), = b2n_rows("coop", values, created_at="2024-01-01T00:00:00+00:00")
-    newer = make_result("base2new", "coop", "dtd", 1, metrics={"base": 90.0, "new": 70.0},
-                        created_at="2024-03-01T00:00:00Z")
-    assert newer["job"]["id"] == old["job"]["id"]
-    other_key = make_result("base2new", "coop", "dtd", 1, metrics={"base": 10.0, "new": 10.0},
-                            created_at="2024-02-01T00:00:00+00:00", job__id=sha("another id scheme"))
-    md = build_leaderboard([(old_path, old), (Path("/r/copy.json"), newer), (Path("/r/other.json"), other_key)],
-                           root=Path("/r"))
-    assert table(section(md, heading(B2N)))["coop"][_title("dtd")] == "90.00 / 70.00 / 78.75†"
-    refused = table(section(md, "## Refused results"))
-    assert refused[f"`{old_path.as_posix()}`"]["Reason"].startswith("duplicate of job")
-    assert refused["`other.json`"]["Reason"].startswith("duplicate: copy.json is a newer result")
+def test_duplicate_job_ids_keep_one_chosen_by_content_not_by_created_at() -> None:
+    def board(first_stamp: str, second_stamp: str) -> tuple[str, dict]:
+        one = make_result("base2new", "coop", "dtd", 1, metrics={"base": 80.0, "new": 60.0}, created_at=first_stamp)
+        two = make_result("base2new", "coop", "dtd", 1, metrics={"base": 90.0, "new": 70.0}, created_at=second_stamp)
+        assert one["job"]["id"] == two["job"]["id"]
+        other_key = make_result("base2new", "coop", "dtd", 1, metrics={"base": 10.0, "new": 10.0},
+                                job__id=sha("another id scheme"))
+        files = [(Path("/r/one.json"), one), (Path("/r/two.json"), two), (Path("/r/other.json"), other_key)]
+        md = build_leaderboard(files, root=Path("/r"))
+        return table(section(md, heading(B2N)))["coop"][_title("dtd")], table(section(md, "## Refused results"))
+
+    early_first, refused = board("2024-01-01T00:00:00+00:00", "2024-03-01T00:00:00Z")
+    late_first, _ = board("2099-01-01T00:00:00+00:00", "2024-03-01T00:00:00Z")
+    # a submitter cannot win by post-dating: the same result is chosen either way
+    assert early_first == late_first
+    assert len(refused) == 2
+    assert any(r["Reason"].startswith("duplicate of job") for r in refused.values())
+    assert any(r["Reason"].startswith("duplicate: ") and "content sha256" in r["Reason"] for r in refused.values())
 
 
 def test_recipes_and_backbones_make_separate_rows_and_tables() -> None:
     values = {"dtd": ([80.0], [60.0])}
-    custom = sha("config", "coop", {"epochs": 50})
+    longer = {**default_recipe("base2new", "coop", "dtd", 16), "epochs": 50}
     rows = (
         b2n_rows("coop", values)
-        + b2n_rows("coop", {"dtd": ([85.0], [65.0])}, method__default_recipe=False, method__config_hash=custom,
-                   method__recipe={"epochs": 50}, method__overrides={"epochs": 50})
+        + b2n_rows("coop", {"dtd": ([85.0], [65.0])}, method__default_recipe=False,
+                   method__recipe=longer, method__overrides={"epochs": 50})
         + b2n_rows("coop", {"dtd": ([50.0], [40.0])}, backbone__model="RN50")
     )
     md = build_leaderboard(rows)
     body = section(md, heading(B2N))
     assert body.index("### RN50 · openai · fp16") < body.index(BACKBONE)
     vit = table(section(body, BACKBONE))
-    assert list(vit) == ["coop", "coop [epochs=50]"]
-    assert vit["coop [epochs=50]"][_title("dtd")].startswith("85.00 / 65.00")
+    assert list(vit) == ["coop", "coop \\[epochs=50\\]"]  # brackets escaped: user text never makes a link
+    assert vit["coop \\[epochs=50\\]"][_title("dtd")].startswith("85.00 / 65.00")
     assert table(section(body, "### RN50 · openai · fp16"))["coop"][_title("dtd")].startswith("50.00 / 40.00")
 
 

@@ -219,7 +219,8 @@ def test_contract_errors_name_method_and_hook(cls, hook, detail):
 
 
 # --------------------------------------------------------------------------------------------------
-# contract errors found while running a job: exit code 2, method and hook named
+# contract errors found while running a job: the job fails with method and hook named (exit 1 at
+# the end of the grid, traceback logged); with --fail-fast the run stops at once (exit 2)
 
 
 class TrainsWithoutTrainStep(Good):
@@ -251,28 +252,34 @@ class SetupReturnsNothing(Good):
     (WrongLogits, "predict"),
     (SetupReturnsNothing, "setup"),
 ])
-def test_contract_errors_while_running(cls, expected, monkeypatch, capsys, tmp_path, tiny_checkpoint, data_root):
+@pytest.mark.parametrize("fail_fast", [False, True], ids=["grid-goes-on", "fail-fast"])
+def test_contract_errors_while_running(cls, expected, fail_fast, monkeypatch, capsys, tmp_path, tiny_checkpoint,
+                                       data_root):
     found = {cls.name: entry(cls)}
     monkeypatch.setattr(methods_module, "discover", lambda: found)
     code = main(["run", "--protocol", "base2new", "--method", cls.name, "--dataset", "eurosat", "--seeds", "1",
                  "--backbone", "bs-tiny-test", "--pretrained", str(tiny_checkpoint), "--data-root", str(data_root),
-                 "--results", str(tmp_path / "results"), "--feature-cache", str(tmp_path / "features")])
+                 "--results", str(tmp_path / "results"), "--feature-cache", str(tmp_path / "features"),
+                 *(["--fail-fast"] if fail_fast else [])])
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == (2 if fail_fast else 1), err
     assert repr(cls.name) in err and expected in err, err
+    assert "Traceback" not in err
     assert not list((tmp_path / "results").rglob("base2new/**/*.json"))
+    logs = list((tmp_path / "results" / "_logs").rglob("*.log"))
+    assert len(logs) == (0 if fail_fast else 1)
 
 
 class ViewsMethod(Method):
     """Asks for two extra views (one flipped, one grey) and records what the harness delivers."""
 
     name = "views_probe"
-    frozen_image_encoder = False
+    image_input = "images"
     seen: list = []
 
     @hookimpl
     def recipe(self, protocol, dataset, shots):
-        return {"epochs": 1, "batch_size": 4}
+        return {"epochs": 1, "batch_size": 4, "warmup_epochs": 0}
 
     @hookimpl
     def setup(self, ctx):
@@ -322,4 +329,4 @@ def test_extra_views_reach_train_step_batched_and_images_are_not_encoded(tmp_pat
     images_shape, view_shapes, features = ViewsMethod.seen[0]
     size = tiny_backbone.image_spec.size
     assert view_shapes == [images_shape, images_shape] and tuple(images_shape[1:]) == (3, size, size)
-    assert features is None  # frozen_image_encoder = False: the harness does not encode images for it
+    assert features is None  # image_input = "images": the harness does not encode images for it

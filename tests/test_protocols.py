@@ -274,7 +274,7 @@ def test_training_loop_uses_the_schedule(tiny_backbone, monkeypatch):
 
     class Scalar(Method):
         name = "scalar"
-        frozen_image_encoder = False
+        image_input = "images"
 
         @hookimpl
         def recipe(self, protocol, dataset, shots):
@@ -303,6 +303,6 @@ def test_training_loop_uses_the_schedule(tiny_backbone, monkeypatch):
     recipe = {**HARNESS_DEFAULTS, "epochs": 5, "lr": 0.002}
     expected = [lr for lr in dassl_lrs(5, 0.002) for _ in range(2)]  # before SGD is patched
     monkeypatch.setattr(train_module.torch.optim, "SGD", RecordingSGD)
-    train_module.train(pm, "scalar", module, batches, recipe, tiny_backbone, False)
+    train_module.train(pm, "scalar", module, batches, recipe, tiny_backbone, "images")
     assert [lr for lr, _, _ in seen] == pytest.approx(expected, rel=1e-9)
     assert {(m, wd) for _, m, wd in seen} == {(0.9, 5e-4)}

@@ -84,7 +84,7 @@ def b2n(tmp_path_factory, tiny_checkpoint, data_root):
 
 def test_base2new_results(b2n):
     results, _, out = b2n
-    assert "2 written, 0 skipped, 0 failed" in out
+    assert "2 computed, 0 reused, 0 failed" in out
     found = load_results(results)
     assert set(found) == {("coop", B2N_DATASET, 16, 1), ("zeroshot_clip", B2N_DATASET, 16, 1)}
     n_classes = len(EXPECTED[B2N_DATASET].classnames)
@@ -135,7 +135,7 @@ def test_base2new_resume_writes_nothing(b2n):
     before = all_files(results)
     code, out, err = run_quiet(argv)
     assert code == 0, out + err
-    assert "0 written, 2 skipped, 0 failed" in out
+    assert "0 computed, 2 reused, 0 failed" in out
     assert all_files(results) == before  # same files, same bytes, not even rewritten
 
 
@@ -212,7 +212,7 @@ def test_interrupted_run_keeps_finished_jobs(interrupt, monkeypatch, tmp_path, t
     monkeypatch.undo()
     code, out, err = run_quiet(argv)
     assert code == 0, out + err
-    assert "1 written, 1 skipped, 0 failed" in out
+    assert "1 computed, 1 reused, 0 failed" in out
     assert len(result_files(results)) == 2
     assert files[0].read_bytes() == kept
     for path in result_files(results):
@@ -460,13 +460,13 @@ def test_changed_split_lists_make_a_new_job_instead_of_a_skip(tmp_path, tiny_che
                     "oxford_pets", "--seeds", "1")
     assert run_quiet(args)[0] == 0
     code, out, _ = run_quiet(args)
-    assert "1 skipped" in out
+    assert "1 reused" in out
     split_file = data / "oxford_pets" / "split_zhou_OxfordPets.json"
     split = json.loads(split_file.read_text())
     split["test"] = split["test"][:-1]  # one test image fewer: another test set
     split_file.write_text(json.dumps(split))
     code, out, err = run_quiet(args)
-    assert code == 0 and "1 written" in out, out + err
+    assert code == 0 and "1 computed" in out, out + err
     assert len(result_files(results)) == 2
 
 
@@ -496,7 +496,7 @@ def test_test_sets_with_the_same_relative_layout_never_share_cached_features(tmp
     for root in (first, second):
         split = load_dataset("oxford_pets", root)
         fp = fingerprint(split.test, split.root)
-        batches, state = runner._eval_batches(entry, split.test, fp, 100, "test")
+        batches, state = runner._eval_batches(entry.cls.image_input, split.test, fp, 100, "test")
         features.append(torch.cat([b.image_features for b in batches()]))
         states.append(state)
     assert fingerprint(load_dataset("oxford_pets", first).test, str(first / "oxford_pets" / "images")) == \

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,12 +68,65 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+_TORCHSCRIPT_MARKS = ("constants.pkl", "code/")
+
+
+def _weights_only_kwargs() -> dict[str, bool]:
+    """`weights_only=True` for open_clip versions that accept it; older ones call torch.load without
+    it, which torch>=2.6 (the pinned minimum) already treats as weights_only=True."""
+    import inspect
+
+    import open_clip
+
+    return {"weights_only": True} if "weights_only" in inspect.signature(open_clip.create_model).parameters else {}
+
+
 def _is_torchscript(path: Path) -> bool:
-    """OpenAI's original release files are TorchScript archives (a zip with code/ and constants.pkl)."""
+    """True only for a well-formed TorchScript archive (OpenAI's original release files).
+
+    `torch.jit.save` writes one top-level folder holding `data.pkl`, `constants.pkl`, `version`
+    and compiled code under `code/__torch__/`; `torch.save` writes `data.pkl` without the other
+    two. A zip carrying some TorchScript marks but not this layout is malformed and refused: it
+    must never fall through to a pickle loader (a `torch.save` file with an added `code/` entry
+    was once taken for TorchScript and unpickled without `weights_only`).
+    """
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BackboneError(f"checkpoint {path} is a damaged zip archive ({exc}); download it again") from exc
+    tops = {name.split("/", 1)[0] for name in names}
+    rest = {name.split("/", 1)[1] for name in names if "/" in name}
+    marked = any(mark in part for part in rest for mark in _TORCHSCRIPT_MARKS)
+    strict = (len(tops) == 1 and all("/" in n for n in names) and {"data.pkl", "constants.pkl", "version"} <= rest
+              and any(part.startswith("code/__torch__/") for part in rest))
+    if marked and not strict:
+        raise BackboneError(f"checkpoint {path} is a malformed archive: it carries TorchScript entries "
+                            f"(code/, constants.pkl) without the TorchScript layout; refusing to load it. "
+                            f"Pass an original TorchScript release file or a plain state dict saved with torch.save")
+    return strict
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    """Build an open_clip model from a TorchScript archive's weights, as OpenAI's loader does, but
+    without its fallback to unpickling the file when the archive does not load."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.model import build_model_from_openai_state_dict
+
+    try:
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as exc:  # torch raises RuntimeError and friends for archives it cannot read
+        raise BackboneError(f"checkpoint {path} looks like a TorchScript archive but torch.jit.load refused it "
+                            f"({type(exc).__name__}); the file is malformed, download it again") from exc
+    try:
+        model = build_model_from_openai_state_dict(state, cast_dtype=None).float()
+    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+        raise BackboneError(f"TorchScript archive {path} does not hold a CLIP model's weights ({exc})") from exc
+    model.visual.image_mean = OPENAI_DATASET_MEAN
+    model.visual.image_std = OPENAI_DATASET_STD
+    return model
 
 
 def _create(model_name: str, pretrained: str, cache_dir: str | None) -> tuple[nn.Module, str]:
@@ -88,11 +142,14 @@ def _create(model_name: str, pretrained: str, cache_dir: str | None) -> tuple[nn
         return open_clip.create_model(model_name, pretrained=None), "none"
     if path.is_file():
         if _is_torchscript(path):  # the architecture comes from the archive's shapes, as in OpenAI's loader
-            return open_clip.load_openai_model(str(path), precision="fp32", device="cpu"), path.name
+            return _load_torchscript(path), path.name
         if model_name not in known:
             raise BackboneError(f"unknown open_clip model {model_name!r} for checkpoint {path}")
-        try:
-            return open_clip.create_model(model_name, pretrained=str(path)), path.name
+        try:  # every file that is not TorchScript is read as weights only: a pickle never runs code
+            return open_clip.create_model(model_name, pretrained=str(path), **_weights_only_kwargs()), path.name
+        except pickle.UnpicklingError as exc:
+            raise BackboneError(f"checkpoint {path} holds more than tensors (refused by torch.load(weights_only="
+                                f"True): {str(exc).splitlines()[0]}); save a plain state dict instead") from exc
         except Exception as exc:  # open_clip raises RuntimeError/KeyError on mismatched state dicts
             raise BackboneError(f"checkpoint {path} does not fit model {model_name!r}: {exc}") from exc
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
@@ -104,7 +161,8 @@ def _create(model_name: str, pretrained: str, cache_dir: str | None) -> tuple[nn
         raise BackboneError(f"{model_name!r} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}; "
                             f"or pass a local checkpoint file, or 'none' for random weights")
     try:
-        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir), pretrained
+        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir,
+                                      **_weights_only_kwargs()), pretrained
     except Exception as exc:
         raise BackboneError(
             f"could not obtain weights {model_name}/{pretrained}: {exc}. Without network, download the "

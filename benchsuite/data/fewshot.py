@@ -16,10 +16,12 @@ import json
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..tempfiles import temp_path
 from .datum import DatasetSplits, Datum, classnames_of, fingerprint, rows
 
 
@@ -94,22 +96,42 @@ class ManifestStore:
     def path(self, dataset: str, shots: int, seed: int) -> Path:
         return self.root / dataset / f"shot_{shots}-seed_{seed}.json"
 
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        """The stored manifest, or None (with a warning naming the file) when it is unreadable.
+
+        Why: a manifest cut short (disk full, a copy interrupted) would otherwise fail every rerun;
+        it records nothing a result depends on that the sample itself does not give again, so it is
+        rewritten from the sample drawn now."""
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            why = f"cannot be read ({exc})"
+        else:
+            if isinstance(stored, dict) and isinstance(stored.get("sha256"), str):
+                return stored
+            why = "holds no sha256"
+        warnings.warn(f"few-shot manifest {path} {why}: writing it again from the sample drawn now",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
     def record(self, split: FewShotSplit) -> str:
         """Store the manifest (atomically) or check it equals the stored one; return its sha256."""
         manifest = split.manifest()
         digest = manifest_sha256(manifest)
         path = self.path(split.dataset, split.shots, split.seed)
         if path.exists():
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            if stored.get("sha256") != digest:
+            stored = self._read(path)
+            if stored is not None and stored.get("sha256") != digest:
                 raise DatasetError(
                     f"few-shot sample of {split.dataset} (K={split.shots}, seed={split.seed}) differs from the "
                     f"manifest at {path}: the split file or the dataset changed since it was written. Restore "
                     f"the data, or delete the manifest to accept the new sample (results will not be comparable)."
                 )
-            return digest
+            if stored is not None:
+                return digest
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = temp_path(path)
         tmp.write_text(json.dumps({**manifest, "sha256": digest}, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         return digest

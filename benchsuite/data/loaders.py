@@ -6,6 +6,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DatasetError
+from .batching import TrainBatchSampler
 from .datum import Datum
 
 #: decoded training images kept in memory per job (bytes); 0 decodes from disk at every access
@@ -13,9 +15,13 @@ PRELOAD_BUDGET = 2 * 1024**3
 
 
 def decode(path: str) -> Image.Image:
-    """PIL RGB, as Dassl's `read_image`."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    """PIL RGB, as Dassl's `read_image`; a file that cannot be decoded is named in one line (an
+    image damaged after the preflight, or a run with --no-image-check)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"image {path} cannot be read ({exc}); restore the file or remove its split entry") from None
 
 
 class ImageList(Dataset):
@@ -37,8 +43,11 @@ class ImageList(Dataset):
             return False
         total = 0
         for item in self.items:  # header only: PIL reads the size without decoding pixels
-            with Image.open(item.impath) as img:
-                total += img.width * img.height * 3
+            try:
+                with Image.open(item.impath) as img:
+                    total += img.width * img.height * 3
+            except (OSError, SyntaxError, ValueError):
+                decode(item.impath)  # raises the one-line error naming the file
             if total > budget:
                 return False
         return True
@@ -55,11 +64,15 @@ class ImageList(Dataset):
 
 
 def train_loader(items: list[Datum], transform, batch_size: int, *, workers: int, pin_memory: bool,
-                 views: list = (), preload_budget: int = PRELOAD_BUDGET) -> DataLoader:
-    """Shuffled each epoch from torch's seeded RNG. Dassl sets drop_last when len >= batch size,
-    which silently discards up to batch_size-1 few-shot samples per epoch; we keep them all."""
-    return DataLoader(ImageList(items, transform, views, preload_budget), batch_size=batch_size, shuffle=True, drop_last=False,
-                      num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+                 views: list = (), preload_budget: int = PRELOAD_BUDGET, drop_last: bool = False,
+                 min_batch_size: int = 1) -> DataLoader:
+    """Shuffled each epoch from torch's seeded RNG. By default every sample is used (Dassl sets
+    drop_last when len >= batch size, which silently discards up to batch_size-1 few-shot samples
+    per epoch; a recipe opts in with `drop_last`); see `batching.tail_rule` for `min_batch_size`."""
+    dataset = ImageList(items, transform, views, preload_budget)
+    sampler = TrainBatchSampler(dataset, batch_size, drop_last=drop_last, min_batch_size=min_batch_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)
 
 
 def eval_loader(items: list[Datum], transform, batch_size: int, *, workers: int, pin_memory: bool) -> DataLoader:

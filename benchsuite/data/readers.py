@@ -139,6 +139,17 @@ def _splits(name: str, root: str, train: list[Datum], val: list[Datum], test: li
 # split_zhou_<Name>.json datasets (CoOp `OxfordPets.read_split`)
 
 
+def _escapes(image_root: str, relpath: str) -> bool:
+    """Whether joining `relpath` to `image_root` leaves it ('..', absolute or drive components).
+
+    Why: a split file is data a user downloads; it must not make benchsuite read, fingerprint or
+    record files elsewhere on the machine."""
+    if os.path.isabs(relpath) or os.path.splitdrive(relpath)[0]:
+        return True
+    joined = os.path.normpath(os.path.join(image_root, relpath))
+    return os.path.commonpath([joined, os.path.normpath(image_root)]) != os.path.normpath(image_root)
+
+
 def _zhou_entry(split_path: str, key: str, index: int, entry: Any, image_root: str, name: str) -> Datum:
     where = f"{split_path}: entry {key}[{index}] = {_short(entry)}"
     if not isinstance(entry, list) or len(entry) != 3:
@@ -146,6 +157,9 @@ def _zhou_entry(split_path: str, key: str, index: int, entry: Any, image_root: s
     relpath, raw_label, classname = entry
     if not isinstance(relpath, str) or not relpath or os.path.isabs(relpath):
         raise DatasetError(f"{name}: malformed {where}; the image path must be a non-empty relative path")
+    if _escapes(image_root, relpath):
+        raise DatasetError(f"{name}: refused {where}; the image path leads outside the image folder "
+                           f"{image_root}{os.sep} (a '..' or absolute component); fix the split file")
     label = _as_label(raw_label)
     if label is None:
         raise DatasetError(f"{name}: malformed {where}; the label must be a non-negative integer")
@@ -249,6 +263,9 @@ def read_fgvc_aircraft(dataset_dir: Path) -> DatasetSplits:
                 continue
             parts = raw.strip().split(" ")
             classname = " ".join(parts[1:])
+            if _escapes(image_root, parts[0] + ".jpg"):
+                raise DatasetError(f"{name}: refused line {number} of {path}: {_short(raw.rstrip())}; the image "
+                                   f"id leads outside {image_root}{os.sep}; fix the file")
             if classname not in cname2lab:
                 raise DatasetError(f"{name}: malformed line {number} of {path}: {_short(raw.rstrip())}; "
                                    f"expected '<imageid> <variant>' with a variant listed in {variants_path}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ContractError, DatasetError
+from ..suggest import unknown
 from . import readers
 from .datum import DatasetSplits
 
@@ -68,7 +69,7 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return datasets[name]
     except KeyError:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(datasets)}") from None
+        raise DatasetError(unknown("dataset", name, datasets) + " (`benchsuite list datasets`)") from None
 
 
 def load_dataset(name: str, data_root: Path) -> DatasetSplits:

@@ -1,8 +1,8 @@
 """Evaluation: top-1 accuracy (micro) of the last-epoch model on one class set.
 
-The batches come from the runner: test images for methods that prompt the image encoder, or
-features of the frozen image encoder (computed here lazily, or read from the feature cache) for
-the others. Feature computation happens inside the timed region, so images/s stays truthful.
+The batches come from the runner: test images for methods whose image input is "images" or
+"images+features", or features of the frozen image encoder (computed here lazily, or read from the
+feature cache) for "features" methods. Feature computation happens inside the timed region, so images/s stays truthful.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class EvalResult:
     correct: int
     total: int
     seconds: float
+    cpu_seconds: float = 0.0
 
     @property
     def accuracy(self) -> float:
@@ -66,7 +67,7 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
     module.eval()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with backbone.autocast():
         pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -81,9 +82,13 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ContractError(f"method {method!r}, hook predict: expected logits of shape "
                                 f"({n}, {len(classnames)}), got {shape}")
+        if logits.dtype != torch.float32:
+            raise ContractError(f"method {method!r}, hook predict: logits are {logits.dtype}, must be torch.float32; "
+                                f"compute them inside `with backbone.fp32():`")
         correct += (logits.argmax(dim=-1) == batch.labels).sum()
         total += n
     n_correct = int(correct)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return EvalResult(correct=n_correct, total=total, seconds=time.perf_counter() - start)
+    return EvalResult(correct=n_correct, total=total, seconds=time.perf_counter() - start,
+                      cpu_seconds=time.process_time() - cpu_start)

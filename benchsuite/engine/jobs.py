@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 from ..errors import BenchsuiteError
 from ..protocols import Protocol
+from ..suggest import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def _choose(requested: list[str] | None, available: list[str], what: str, protoc
         return list(available)
     unknown = [r for r in requested if r not in available]
     if unknown:
-        raise BenchsuiteError(f"{what} {', '.join(unknown)} not in protocol {protocol.id!r}; "
+        hint = did_you_mean(unknown[0], available) if len(unknown) == 1 else ""
+        raise BenchsuiteError(f"{what} {', '.join(unknown)} not in protocol {protocol.id!r}{hint}; "
                               f"choose from: {', '.join(map(str, available))} (or 'all')")
     return list(dict.fromkeys(requested))
 

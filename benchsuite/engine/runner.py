@@ -13,6 +13,7 @@ import platform
 import resource
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,12 +32,14 @@ from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import TRAINING_HOOKS, SetupContext, hookimpl
 from ..methods import MethodEntry, get_method, implements, job_manager
 from ..results.store import ResultStore
+from ..tempfiles import temp_path
 from .evaluate import compute_features, evaluate, feature_batches, image_batches
 from .feature_cache import FeatureCache, feature_key, files_signature
 from .jobs import Job, job_id
-from .recipe import Overrides, config_hash, resolve_recipe
+from .recipe import Overrides, config_hash, declarations, profile_epoch_scale, resolve_recipe
 from .seeding import seed_everything
-from .train import NonFiniteLoss, train
+from .smoke import smoke_check
+from .train import NonFiniteLoss, make_grad_scaler, train
 
 #: Model selections a recipe may ask for; anything but the protocol's needs --allow-model-selection.
 MODEL_SELECTIONS = ("last_epoch", "best_test_epoch")
@@ -100,7 +103,8 @@ class Runner:
     def __init__(self, backbone: Backbone, data_root: Path, results_root: Path, *, manifests_root: Path,
                  overrides: Overrides | None = None, workers: int | None = None,
                  feature_cache: FeatureCache | None = None, preload_budget: int = loaders.PRELOAD_BUDGET,
-                 class_text_once: bool = True, allow_model_selection: bool = False, echo=print):
+                 class_text_once: bool = True, allow_model_selection: bool = False, fail_fast: bool = False,
+                 smoke: bool = True, echo=print):
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.store = ResultStore(Path(results_root))
@@ -112,6 +116,9 @@ class Runner:
         self.preload_budget = preload_budget
         self.class_text_once = class_text_once
         self.allow_model_selection = allow_model_selection
+        self.fail_fast = fail_fast  # False: a failing job is logged and the grid goes on
+        self.smoke = smoke  # run the one-batch check before every training
+        self.logs_root = Path(results_root) / "_logs"
         self.echo = echo
         self._splits: dict[str, DatasetSplits] = {}
         self._signatures: dict[tuple[str, str], str] = {}  # (first file, fingerprint) -> files_signature
@@ -134,12 +141,22 @@ class Runner:
         return hashlib.sha256("|".join(f"{n}={self._data_prints[n]}" for n in names).encode()).hexdigest()
 
     def preflight(self, jobs: list[Job]) -> None:
-        """Read every dataset the grid needs before any training, so a bad path fails at once."""
+        """Read every dataset the grid needs and resolve every job's recipe before any training, so a
+        bad path, a bad --set value or a refused model selection fails at once, not after hours."""
         for job in jobs:
             self.splits(job.dataset)
             for ev in job.evals():
                 self.splits(ev.dataset)
             get_method(job.method)
+        for job in jobs:
+            try:
+                self._plan(job)
+            except ContractError:  # a method bug: that job fails when it runs, the grid goes on
+                pass
+            except BenchsuiteError:  # the user's settings: nothing of the grid can run as asked
+                raise
+            except Exception:  # a method bug in its recipe hook: as a contract error
+                pass
 
     def fewshot(self, job: Job) -> tuple[FewShotSplit, str]:
         split = sample_fewshot(self.splits(job.dataset), job.shots, job.seed,
@@ -176,18 +193,40 @@ class Runner:
                 summary.failed.append(f"{job.label()}: {exc}")
                 self.echo(f"{prefix}: FAILED: {exc}")
                 continue
+            except Exception as exc:  # one job's failure is not the grid's (KeyboardInterrupt still stops)
+                if self.fail_fast:
+                    raise
+                log = self._log_failure(job)
+                what = str(exc) if isinstance(exc, BenchsuiteError) else f"{type(exc).__name__}: {exc}"
+                summary.failed.append(f"{job.method} on {job.dataset}, seed {job.seed} ({job.label()}): {what} "
+                                      f"[traceback: {log}]")
+                self.echo(f"{prefix}: FAILED ({what}); full traceback in {log}; going on with the other jobs")
+                continue
             if path is None:
                 summary.skipped.append(job.label())
             else:
                 summary.written.append(path)
         return summary
 
-    def run_job(self, job: Job, *, prefix: str = "") -> Path | None:
+    def _log_failure(self, job: Job) -> Path:
+        """Write the current exception's full traceback under <results>/_logs/ and return the path."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        path = self.logs_root / job.protocol.id / job.method / job.dataset / f"shot{job.shots}-seed{job.seed}-{stamp}.log"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{job.label()}\n{stamp}\n\n{traceback.format_exc()}", encoding="utf-8")
+        except OSError as exc:
+            self.echo(f"benchsuite: could not write the failure log {path}: {exc}")
+        return path
+
+    def _plan(self, job: Job):
+        """The job's method, plugin manager, resolved recipe, user overrides and profile epoch scale."""
         entry = get_method(job.method)
         pm, method = job_manager(entry)
-        recipe, overrides = resolve_recipe(
-            job.method, pm.hook.recipe(protocol=job.protocol, dataset=job.dataset, shots=job.shots),
-            job.protocol.profile, self.overrides)
+        default = pm.hook.recipe(protocol=job.protocol, dataset=job.dataset, shots=job.shots)
+        recipe, overrides = resolve_recipe(job.method, default, job.protocol.profile, self.overrides,
+                                           **declarations(entry.cls))
+        epoch_scale = profile_epoch_scale(int((default or {}).get("epochs", 0)), job.protocol.profile)
         selection = recipe["model_selection"]
         if selection != job.protocol.spec["model_selection"]:
             if selection not in MODEL_SELECTIONS:
@@ -199,6 +238,10 @@ class Runner:
                     f"{job.protocol.id!r} evaluates the {job.protocol.spec['model_selection']} model. Pass "
                     f"--allow-model-selection to run it anyway; its results are marked off-protocol and the "
                     f"leaderboard refuses them")
+        return entry, pm, method, recipe, overrides, epoch_scale
+
+    def run_job(self, job: Job, *, prefix: str = "") -> Path | None:
+        entry, pm, method, recipe, overrides, epoch_scale = self._plan(job)
         missing = [hook for hook in TRAINING_HOOKS if not implements(pm, method, hook)]
         if recipe["epochs"] > 0 and missing:
             raise ContractError(f"method {job.method!r} ({entry.source}): the recipe trains for {recipe['epochs']} "
@@ -208,7 +251,7 @@ class Runner:
         jid = job_id(job, chash, backbone, self.data_identity(job))
         path = self.store.path_for(job.protocol.id, job.method, job.dataset, jid)
         if self.store.existing(path, jid) is not None:
-            self.echo(f"{prefix}: result exists, skipped ({path})")
+            self.echo(f"{prefix}: result exists, reused ({path})")
             return None
         with self.store.claim(jid) as held:
             if not held:
@@ -216,14 +259,15 @@ class Runner:
                 return None
             if self.store.existing(path, jid) is not None:
                 return None
-            result = self._execute(job, entry, pm, recipe, chash, jid, backbone, prefix)
+            result = self._execute(job, entry, pm, recipe, chash, jid, backbone, prefix, epoch_scale)
             result["method"].update(default_recipe=not overrides, overrides=overrides)
             written = self.store.write(result)
         metrics = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in result["metrics"].items())
         self.echo(f"{prefix}: {metrics} -> {written}")
         return written
 
-    def _execute(self, job: Job, entry: MethodEntry, pm, recipe, chash, jid, backbone_rec, prefix) -> dict:
+    def _execute(self, job: Job, entry: MethodEntry, pm, recipe, chash, jid, backbone_rec, prefix,
+                 epoch_scale: float = 1.0) -> dict:
         b = self.backbone
         if b.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(b.device)
@@ -233,47 +277,58 @@ class Runner:
         spec = get_dataset(job.dataset)
         ctx = SetupContext(backbone=b, classnames=train_split.classnames, dataset=job.dataset,
                            template=spec.template, recipe=recipe, protocol=job.protocol, shots=job.shots,
-                           seed=job.seed, device=b.device)
+                           seed=job.seed, device=b.device, epoch_scale=epoch_scale)
+        t_tf = train_transform(b.image_spec)
+        train_fp = fingerprint(train_split.train, train_split.root)
+        share_key = None
+        if recipe["epochs"] > 0 and job.protocol.task == "transfer":  # cross_dataset and domain_generalization
+            share_key = config_hash(job.method, {"recipe": recipe, "train": train_fp, "manifest": manifest_sha,
+                                                 "backbone": backbone_rec["weights_sha256"],
+                                                 "precision": b.precision, "seed": job.seed})
+        if self.smoke and recipe["epochs"] > 0 and not (share_key and self._shared_path(share_key).exists()):
+            _, items, classnames, _ = next(iter(self.eval_data(job, split)))
+            first = next(iter(job.evals()))
+            smoke_check(entry, ctx, train_split.train, t_tf,
+                        (items, classnames, first.dataset, get_dataset(first.dataset).template,
+                         test_transform(b.image_spec)))
         module = pm.hook.setup(ctx=ctx)
         if not isinstance(module, torch.nn.Module):
             raise ContractError(f"method {job.method!r}, hook setup: must return an nn.Module, got {type(module).__name__}")
         module.to(b.device)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        train_fp = fingerprint(train_split.train, train_split.root)
-        t_tf = train_transform(b.image_spec)
         train_seconds, train_images, shared_from = 0.0, 0, None
+        train_cpu, losses, skipped_steps = 0.0, {}, 0
+        image_input = recipe["image_input"]
         if recipe["epochs"] > 0:
-            share_key = None
-            if job.protocol.task == "transfer":  # cross_dataset and domain_generalization share this training
-                share_key = config_hash(job.method, {"recipe": recipe, "train": train_fp, "manifest": manifest_sha,
-                                                     "backbone": backbone_rec["weights_sha256"],
-                                                     "precision": b.precision, "seed": job.seed})
             shared = self._load_shared(share_key, module)
             if shared is not None:
-                train_seconds, train_images, shared_from = shared
+                train_seconds, train_images, shared_from, train_cpu, losses = shared
                 if shared_from == jid:  # its own training, saved just before an interruption
                     shared_from = None
                 else:
                     self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
             else:
                 if recipe["model_selection"] == "best_test_epoch":
-                    pm.register(BestTestEpoch(self._first_eval_scorer(job, entry, split, pm, module), module),
+                    pm.register(BestTestEpoch(self._first_eval_scorer(job, image_input, split, pm, module), module),
                                 name="harness:best_test_epoch")
                 views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
                 loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
                                               workers=self.workers, pin_memory=b.device.type == "cuda",
-                                              views=views, preload_budget=self.preload_budget)
-                stats = train(pm, job.method, module, loader, recipe, b, entry.cls.frozen_image_encoder,
-                              progress=f"{prefix} train")
+                                              views=views, preload_budget=self.preload_budget,
+                                              drop_last=bool(recipe["drop_last"]),
+                                              min_batch_size=int(entry.cls.min_batch_size))
+                stats = train(pm, job.method, module, loader, recipe, b, image_input,
+                              progress=f"{prefix} train", scaler=make_grad_scaler(b))
                 train_seconds, train_images = stats.seconds, stats.images
-                self._save_shared(share_key, module, jid, stats.seconds, stats.images)
+                train_cpu, losses, skipped_steps = stats.cpu_seconds, stats.losses, stats.skipped_steps
+                self._save_shared(share_key, module, jid, stats)
         e_tf = test_transform(b.image_spec)
-        metrics, evals, eval_seconds, eval_images = {}, {}, 0.0, 0
+        metrics, evals, eval_seconds, eval_images, eval_cpu = {}, {}, 0.0, 0, 0.0
         batch_size = int(job.protocol.spec["eval_batch_size"])
         cache_states = []
         for ev, items, classnames, root in self.eval_data(job, split):
             fp = fingerprint(items, root)
-            batches, state = self._eval_batches(entry, items, fp, batch_size, f"{prefix} features {ev.key}")
+            batches, state = self._eval_batches(image_input, items, fp, batch_size, f"{prefix} features {ev.key}")
             cache_states.append(state)
             res = evaluate(pm, job.method, module, batches(), classnames, ev.dataset, get_dataset(ev.dataset).template,
                            b, progress=f"{prefix} eval {ev.key}", prepare_per_batch=not self.class_text_once)
@@ -281,6 +336,7 @@ class Runner:
             evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
                              "n_classes": len(classnames), "transform": describe(e_tf)}
             eval_seconds += res.seconds
+            eval_cpu += res.cpu_seconds
             eval_images += res.total
         peak, kind = _peak_memory(b.device)
         return {
@@ -297,19 +353,22 @@ class Runner:
             "metrics": metrics,
             "timing": {"train_seconds": train_seconds, "train_images": train_images,
                        "train_ms_per_image": 1000.0 * train_seconds / train_images if train_images else 0.0,
-                       "eval_seconds": eval_seconds, "eval_images": eval_images,
+                       "train_cpu_seconds": train_cpu, "eval_seconds": eval_seconds, "eval_cpu_seconds": eval_cpu,
+                       "eval_images": eval_images,
                        "eval_images_per_second": eval_images / eval_seconds if eval_seconds > 0 else 0.0,
                        "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": shared_from,
                        "eval_feature_cache": "hit" if cache_states and set(cache_states) == {"hit"} else
                                              "off" if set(cache_states) <= {"off"} else "miss"},
+            "training": {"loss_per_epoch": losses, "skipped_steps": skipped_steps,
+                         "min_batch_size": int(entry.cls.min_batch_size), "epoch_scale": epoch_scale},
             "environment": self._env,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
-    def _eval_batches(self, entry: MethodEntry, items, fp: str, batch_size: int, progress: str):
+    def _eval_batches(self, image_input: str, items, fp: str, batch_size: int, progress: str):
         """A factory of evaluation batches for one set, and the feature-cache state (hit, miss, off).
 
-        Methods that prompt the image encoder get image batches. For frozen-encoder methods the
+        "images" and "images+features" methods get image batches. For "features" methods the
         features are computed at most once per call of this function (inside the first iteration,
         so inside the timed region) or read from the feature cache; calling the factory again
         reuses them (model selection scores every epoch on the same features).
@@ -318,7 +377,7 @@ class Runner:
         transform = test_transform(b.image_spec)
         loader = loaders.eval_loader(items, transform, batch_size, workers=self.workers,
                                      pin_memory=b.device.type == "cuda")
-        if not entry.cls.frozen_image_encoder:
+        if image_input != "features":
             return (lambda: image_batches(loader, b.device)), "off"
         held: list = []
         key, state = None, "off"
@@ -330,7 +389,7 @@ class Runner:
                 self._signatures[where] = files_signature(items)
             key = feature_key(b.model_name, b.weights_sha256, fp + self._signatures[where], describe(transform),
                               b.precision)
-            cached = self.feature_cache.get(key)
+            cached = self.feature_cache.get(key, labels=torch.tensor([item.label for item in items]))
             if cached is not None:
                 held.append(cached)
             state = "hit" if held else "miss"
@@ -347,9 +406,9 @@ class Runner:
 
         return (lambda: feature_batches(features, batch_size, b.device)), state
 
-    def _first_eval_scorer(self, job: Job, entry: MethodEntry, split: FewShotSplit, pm, module):
+    def _first_eval_scorer(self, job: Job, image_input: str, split: FewShotSplit, pm, module):
         ev, items, classnames, root = next(iter(self.eval_data(job, split)))
-        batches, _ = self._eval_batches(entry, items, fingerprint(items, root),
+        batches, _ = self._eval_batches(image_input, items, fingerprint(items, root),
                                         int(job.protocol.spec["eval_batch_size"]), f"select on {ev.key}")
         template = get_dataset(ev.dataset).template
         return lambda: evaluate(pm, job.method, module, batches(), classnames, ev.dataset, template,
@@ -360,20 +419,31 @@ class Runner:
         return self.trained_root / f"{key}.pt"
 
     def _load_shared(self, key: str | None, module: torch.nn.Module):
+        """A saved shared training, or None to train; an unreadable one (truncated by a full disk or
+        a copy) is named, removed and retrained instead of failing every rerun."""
         if key is None or not self._shared_path(key).exists():
             return None
-        blob = torch.load(self._shared_path(key), map_location=self.backbone.device, weights_only=True)
-        module.load_state_dict(blob["state"], strict=True)
-        return float(blob["train_seconds"]), int(blob["train_images"]), str(blob["job_id"])
+        path = self._shared_path(key)
+        try:
+            blob = torch.load(path, map_location=self.backbone.device, weights_only=True)
+            module.load_state_dict(blob["state"], strict=True)
+            return (float(blob["train_seconds"]), int(blob["train_images"]), str(blob["job_id"]),
+                    float(blob.get("train_cpu_seconds", 0.0)), dict(blob.get("losses", {})))
+        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... on a cut file
+            self.echo(f"benchsuite: shared training {path} cannot be read ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); removing it and training again")
+            path.unlink(missing_ok=True)
+            return None
 
-    def _save_shared(self, key: str | None, module: torch.nn.Module, jid: str, seconds: float, images: int) -> None:
+    def _save_shared(self, key: str | None, module: torch.nn.Module, jid: str, stats) -> None:
         if key is None:
             return
         import os
 
         self.trained_root.mkdir(parents=True, exist_ok=True)
         path = self._shared_path(key)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = temp_path(path)
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        torch.save({"state": state, "job_id": jid, "train_seconds": seconds, "train_images": images}, tmp)
+        torch.save({"state": state, "job_id": jid, "train_seconds": stats.seconds, "train_images": stats.images,
+                    "train_cpu_seconds": stats.cpu_seconds, "losses": stats.losses}, tmp)
         os.replace(tmp, path)

@@ -1,15 +1,18 @@
 """The shared training loop: SGD, constant warm-up, epoch-stepped cosine, last-epoch model.
 
-No host synchronisation inside a step: losses stay on the device and are checked for finiteness
-once per epoch (a non-finite loss stops the job with the method, epoch and loss named).
+No host synchronisation inside a step: loss parts stay on the device and are gathered, recorded
+and checked for finiteness once per epoch (a non-finite part stops the job with the method, epoch
+and part named). On CUDA with fp16 autocast the loop owns a `torch.amp.GradScaler`; the optimizer
+is then the fused SGD, which reads the scaler's inf flag on the device and skips the step itself
+(the plain `GradScaler.step` would wait on the host for that flag).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import pluggy
 import torch
@@ -29,6 +32,11 @@ class NonFiniteLoss(BenchsuiteError):
 class TrainStats:
     seconds: float
     images: int
+    cpu_seconds: float = 0.0
+    #: mean of every returned part ("loss" first) per epoch
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    #: steps skipped by the GradScaler (inf/NaN gradients); 0 without a scaler
+    skipped_steps: int = 0
 
 
 def _synchronize(device: torch.device) -> None:
@@ -36,54 +44,105 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_grad_scaler(backbone) -> Optional[torch.amp.GradScaler]:
+    """A GradScaler where fp16 autocast runs (CUDA with `amp`); None elsewhere (fp32, bf16)."""
+    if backbone.device.type == "cuda" and backbone.precision == "amp":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
 def _check_outputs(method: str, outputs: Any) -> None:
-    if not isinstance(outputs, dict) or not isinstance(outputs.get("loss"), torch.Tensor):
-        raise ContractError(f"method {method!r}, hook train_step: must return a dict with a tensor 'loss', "
-                            f"got {type(outputs).__name__}")
-    if outputs["loss"].dim() != 0:
-        raise ContractError(f"method {method!r}, hook train_step: 'loss' must be a scalar, "
-                            f"got shape {tuple(outputs['loss'].shape)}")
+    """Cheap Python checks of what train_step returned (no device sync)."""
+    where = f"method {method!r}, hook train_step"
+    if not isinstance(outputs, dict):
+        raise ContractError(f"{where}: must return a dict with a tensor 'loss', got {type(outputs).__name__}")
+    if "loss" not in outputs:
+        raise ContractError(f"{where}: the returned dict has no 'loss' (keys: {', '.join(map(str, outputs)) or 'none'})")
+    for key, value in outputs.items():
+        if isinstance(value, (float, int)) and not isinstance(value, bool):
+            raise ContractError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor (was .item() called?); "
+                                f"return the tensor itself, the harness gathers values once per epoch")
+        if not isinstance(value, torch.Tensor):
+            raise ContractError(f"{where}: {key!r} is a {type(value).__name__}; every value must be a scalar tensor")
+        if value.dim() != 0:
+            raise ContractError(f"{where}: {key!r} must be a scalar, got shape {tuple(value.shape)}")
+        if value.dtype != torch.float32:
+            raise ContractError(f"{where}: {key!r} is {value.dtype}, must be torch.float32; compute logits and "
+                                f"losses in fp32 (inside `with backbone.fp32():`)")
+
+
+def _non_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """A device flag: does any (unscaled) gradient hold inf/NaN? Same test as the scaler's."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.bool)
+    return torch.stack([~torch.isfinite(g).all() for g in grads]).any()
 
 
 def train_step(pm: pluggy.PluginManager, method: str, module: nn.Module, optimizer: torch.optim.Optimizer, backbone,
-               images: torch.Tensor, labels: torch.Tensor, views: list[torch.Tensor], frozen_image_encoder: bool,
-               epoch: int) -> dict[str, torch.Tensor]:
-    """One optimisation step exactly as the loop runs it (also what `benchsuite bench` times)."""
+               images: torch.Tensor, labels: torch.Tensor, views: list[torch.Tensor], image_input: str,
+               epoch: int, scaler: Optional[torch.amp.GradScaler] = None,
+               skipped: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """One optimisation step exactly as the loop runs it (also what `benchsuite bench` times).
+
+    `image_input` follows `Method.image_input`: the frozen encoder's fp32 features are computed
+    for "features" and "images+features". With a `scaler`, the device flag "this step was
+    skipped" is appended to `skipped`.
+    """
     device = backbone.device
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     views = [v.to(device, non_blocking=True) for v in views]
     with backbone.autocast():
         features = None
-        if frozen_image_encoder:
+        if image_input != "images":
             with torch.no_grad():
-                features = backbone.encode_image(images)
+                features = backbone.encode_image(images).float()
         outputs = pm.hook.train_step(batch=TrainBatch(images, labels, features, views), epoch=epoch)
-    _check_outputs(method, outputs)  # cheap Python checks, no device sync
+    _check_outputs(method, outputs)
     optimizer.zero_grad(set_to_none=True)
-    pm.hook.backward(outputs=outputs, model=module)
-    optimizer.step()
+    pm.hook.backward(outputs=outputs, model=module, scaler=scaler)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.unscale_(optimizer)
+        if skipped is not None:
+            skipped.append(_non_finite(optimizer))
+        scaler.step(optimizer)  # fused SGD: skips on the device flag, no host sync
+        scaler.update()
     return outputs
 
 
-def make_optimizer(params: list[torch.nn.Parameter], recipe: dict[str, Any]) -> torch.optim.SGD:
-    """Dassl's SGD: momentum 0.9, weight decay 5e-4, no dampening, no Nesterov (recipe may change them)."""
-    return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
-                           weight_decay=recipe["weight_decay"], dampening=0, nesterov=False)
+def make_optimizer(params: list[torch.nn.Parameter], recipe: dict[str, Any], *, fused: bool = False) -> torch.optim.SGD:
+    """Dassl's SGD: momentum 0.9, weight decay 5e-4, no dampening, no Nesterov (recipe may change them).
+    `fused` when a GradScaler drives it (the fused kernel honours the scaler's inf flag on the device)."""
+    return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"],
+                           dampening=0, nesterov=False, **({"fused": True} if fused else {}))
+
+
+def _epoch_means(parts: dict[str, list[torch.Tensor]], skipped: list[torch.Tensor]) -> tuple[dict[str, float], int]:
+    """Every part's mean over the epoch and the skipped-step count, in one host sync."""
+    names = list(parts)
+    values = [torch.stack(parts[k]).mean() for k in names]
+    if skipped:
+        values.append(torch.stack(skipped).sum().to(values[0].device, torch.float32))
+    host = torch.stack(values).tolist() if values else []
+    return dict(zip(names, host)), int(host[-1]) if skipped else 0
 
 
 def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, recipe: dict[str, Any], backbone,
-          frozen_image_encoder: bool, *, progress: str = "") -> TrainStats:
+          image_input: str, *, progress: str = "", scaler: Optional[torch.amp.GradScaler] = None) -> TrainStats:
     epochs = int(recipe["epochs"])
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ContractError(f"method {method!r}, hook setup: the recipe trains for {epochs} epochs but the "
                             f"returned module has no parameter with requires_grad")
-    optimizer = make_optimizer(params, recipe)
+    optimizer = make_optimizer(params, recipe, fused=scaler is not None)
     device = backbone.device
-    n_images = 0
+    n_images, n_skipped = 0, 0
+    history: dict[str, list[float]] = {}
     _synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(epochs), desc=progress or f"train {method}", unit="epoch", leave=False, disable=None)
     for epoch in bar:
         lr = epoch_lr(epoch, epochs, recipe["lr"], warmup_epochs=recipe["warmup_epochs"],
@@ -91,19 +150,25 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
         for group in optimizer.param_groups:
             group["lr"] = lr
         module.train()
-        losses: list[torch.Tensor] = []
+        parts: dict[str, list[torch.Tensor]] = {"loss": []}
+        skipped: list[torch.Tensor] = []
         for images, labels, *views in loader:
             outputs = train_step(pm, method, module, optimizer, backbone, images, labels,
-                                 views[0] if views else [], frozen_image_encoder, epoch)
-            losses.append(outputs["loss"].detach().float())
+                                 views[0] if views else [], image_input, epoch, scaler, skipped)
+            for key, value in outputs.items():
+                parts.setdefault(key, []).append(value.detach().float())
             n_images += images.shape[0]
-        epoch_loss = torch.stack(losses).mean()
-        loss = float(epoch_loss)  # one host sync per epoch
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"method {method!r}: mean training loss of epoch {epoch + 1}/{epochs} is {loss}; "
-                                f"lower the learning rate (--set lr=...) or check the method's loss")
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        means, epoch_skipped = _epoch_means(parts, skipped)  # one host sync per epoch
+        n_skipped += epoch_skipped
+        for key, value in means.items():
+            if not math.isfinite(value):
+                what = "training loss" if key == "loss" else f"loss part {key!r}"
+                raise NonFiniteLoss(f"method {method!r}: mean {what} of epoch {epoch + 1}/{epochs} is {value}; "
+                                    f"lower the learning rate (--set lr=...) or check the method's loss")
+            history.setdefault(key, []).append(value)
+        bar.set_postfix({**{k: f"{v:.4f}" for k, v in means.items()}, "lr": f"{lr:.2e}"})
         pm.hook.epoch_end(epoch=epoch, num_epochs=epochs)
     pm.hook.train_end()
     _synchronize(device)
-    return TrainStats(seconds=time.perf_counter() - start, images=n_images)
+    return TrainStats(seconds=time.perf_counter() - start, images=n_images,
+                      cpu_seconds=time.process_time() - cpu_start, losses=history, skipped_steps=n_skipped)

@@ -4,6 +4,8 @@ Jobs never share files, so any executor (threads, processes, a Slurm array) can 
 root at once. A result file is either absent or complete: it is written to a temporary file in
 the same directory, fsynced and renamed over the target, so a crash or kill mid-write leaves the
 previous state (at worst a hidden `*.tmp` file that readers ignore), never a truncated result.
+The temporary file's name records the writer's host and pid, so a later run removes it once that
+writer is gone (`benchsuite.tempfiles.sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from typing import Any, Callable, Iterator
 import filelock
 
 from ..errors import ResultError
+from ..tempfiles import temp_prefix
 from .schema import validate_schema
 
 LOCK_DIR = ".locks"
+#: Limits for reading a result file (README: "Result files"): far above any real result.
+MAX_RESULT_BYTES = 4 * 1024**2
+MAX_RESULT_DEPTH = 32
 ErrorHandler = Callable[[Path, str], None]
 
 
@@ -44,7 +50,7 @@ def dump_json(data: Any) -> str:
 def atomic_write_text(target: Path, text: str) -> None:
     """Write `text` to `target` via temp file + fsync + os.replace; no partial file ever exists."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
@@ -71,9 +77,28 @@ def _fsync_dir(folder: Path) -> None:
             os.close(dfd)
 
 
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (a hostile file must not exhaust the stack)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_RESULT_DEPTH:
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(data, None) for a file holding a JSON object, else (None, why it cannot be used)."""
+    """(data, None) for a file holding a JSON object, else (None, why it cannot be used).
+
+    Files above MAX_RESULT_BYTES or nested deeper than MAX_RESULT_DEPTH are refused unread: a
+    result is a few kilobytes and a handful of levels deep, and such files would exhaust memory or
+    the parser's and validator's recursion."""
     try:
+        size = path.stat().st_size
+        if size > MAX_RESULT_BYTES:
+            return None, f"is {size} bytes, above the {MAX_RESULT_BYTES}-byte limit for result files"
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return None, f"cannot be read: {exc}"
@@ -81,8 +106,12 @@ def read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})"
+    except RecursionError:
+        return None, f"is nested too deeply to parse (limit {MAX_RESULT_DEPTH} levels)"
     if not isinstance(data, dict):
         return None, f"holds a JSON {type(data).__name__}, not an object"
+    if _depth(data) > MAX_RESULT_DEPTH:
+        return None, f"is nested deeper than {MAX_RESULT_DEPTH} levels, the limit for result files"
     return data, None
 
 
@@ -182,4 +211,4 @@ class ResultStore:
             yield path, data
 
 
-__all__ = ["LOCK_DIR", "ResultStore", "atomic_write_text", "dump_json", "read_json"]
+__all__ = ["LOCK_DIR", "MAX_RESULT_BYTES", "MAX_RESULT_DEPTH", "ResultStore", "atomic_write_text", "dump_json", "read_json"]

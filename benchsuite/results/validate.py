@@ -7,11 +7,13 @@ the recorded counts. Each message says which field is wrong and why it matters.
 
 from __future__ import annotations
 
+import json
 import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..engine.recipe import config_hash, declarations, resolve_recipe
 from ..errors import ProtocolError
 from ..protocols import Protocol, load_protocol
 from .schema import json_path, validate_schema
@@ -120,12 +122,61 @@ def _key_problems(result: dict[str, Any]) -> list[str]:
     return problems
 
 
-_CHECKS = (_protocol_problems, _consistency_problems, _key_problems, _metric_problems)
+@lru_cache(maxsize=256)
+def _installed_default(method: str, pid: str, dataset: str, shots: int) -> str | None:
+    """The installed method's default recipe for this job as canonical JSON; None when the method
+    is not installed here (then only the hash can be checked). Raises on a broken method."""
+    from ..methods import discover, job_manager  # lazy: discovery imports every plugin
+
+    entry = discover().get(method)
+    shipped = _shipped(pid)
+    if entry is None or isinstance(shipped, str):
+        return None
+    pm, _ = job_manager(entry)
+    default = pm.hook.recipe(protocol=shipped, dataset=dataset, shots=shots)
+    recipe, _ = resolve_recipe(method, default, shipped.profile, {}, **declarations(entry.cls))
+    return json.dumps(recipe, sort_keys=True, default=str)
+
+
+def _recipe_problems(result: dict[str, Any]) -> list[str]:
+    """The recorded recipe must hash to `config_hash`, and be the installed default recipe plus the
+    recorded overrides: a forged hash or a relabelled recipe would merge incomparable runs."""
+    job, m = result["job"], result["method"]
+    problems = []
+    recomputed = config_hash(job["method"], m["recipe"])
+    if recomputed != m["config_hash"]:
+        problems.append(f"$.method.config_hash: {m['config_hash'][:12]} does not match the recorded recipe (its hash "
+                        f"is {recomputed[:12]}); the recipe or the hash was edited")
+    if m["default_recipe"] and m["overrides"]:
+        problems.append("$.method.default_recipe: true, but $.method.overrides is not empty")
+    try:
+        default = _installed_default(job["method"], job["protocol"]["id"], job["dataset"], job["shots"])
+    except Exception as exc:  # a broken installed method cannot vouch for anything
+        return problems + [f"$.method.recipe: cannot compute the installed default recipe of {job['method']!r} "
+                           f"to compare with: {type(exc).__name__}: {exc}"]
+    if default is None:
+        return problems
+    expected = {**json.loads(default), **m["overrides"]}
+    recorded = json.loads(json.dumps(m["recipe"], sort_keys=True, default=str))
+    wrong = sorted(k for k in set(expected) | set(recorded) if expected.get(k, _MISSING) != recorded.get(k, _MISSING))
+    if wrong:
+        shown = "; ".join(f"{k}: recorded {json.dumps(recorded.get(k))}, expected {json.dumps(expected.get(k))}"
+                          for k in wrong[:5])
+        claim = "the default recipe" if m["default_recipe"] else "the default recipe plus the recorded overrides"
+        problems.append(f"$.method.recipe: claims {claim} of the installed {job['method']!r}, but {shown}")
+    return problems
+
+
+_MISSING = object()
+_CHECKS = (_protocol_problems, _consistency_problems, _key_problems, _metric_problems, _recipe_problems)
 
 
 def validate_result(result: Any) -> list[str]:
     """Every reason `result` cannot be merged: schema problems, then protocol problems; [] if fine."""
-    problems = validate_schema(result)
+    try:
+        problems = validate_schema(result)
+    except RecursionError:
+        return ["$: nested too deeply to validate"]
     schema_ok = not problems
     for check in _CHECKS:
         try:

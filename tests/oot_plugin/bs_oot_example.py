@@ -29,7 +29,7 @@ class TextResidual(nn.Module):
 class OotLinear(Method):
     name = "oot_linear"
     summary = "Out-of-tree example: linear residual on zero-shot text features + temperature"
-    frozen_image_encoder = True
+    image_input = "features"
 
     def __init__(self) -> None:
         self.backbone = None
@@ -46,8 +46,9 @@ class OotLinear(Method):
         return F.normalize(self.backbone.encode_text(texts).float(), dim=-1)
 
     def _logits(self, image_features, text):
-        scale = self.backbone.logit_scale * self.module.log_temperature.exp()
-        return scale * F.normalize(image_features.float(), dim=-1) @ self.module(text).t()
+        with self.backbone.fp32():  # the contract: logits and losses in fp32, also under amp
+            scale = self.backbone.logit_scale * self.module.log_temperature.exp()
+            return scale * F.normalize(image_features.float(), dim=-1) @ self.module(text).t()
 
     @hookimpl
     def setup(self, ctx: SetupContext) -> nn.Module:

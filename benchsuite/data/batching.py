@@ -1,0 +1,53 @@
+"""Training batches: the toolbox's optional drop-last rule and a method's smallest batch.
+
+Why a batch sampler of our own: `DataLoader(drop_last=...)` can only drop a short trailing batch,
+never merge it; a method with batch statistics (a BatchNorm projector) crashes on a batch of one.
+The random order is drawn exactly as `DataLoader(shuffle=True)` draws it (a `RandomSampler` seeded
+from torch's default generator), so with the defaults the batches are the same as before.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sized
+
+from torch.utils.data import RandomSampler, Sampler
+
+from ..errors import BenchsuiteError
+
+
+def tail_rule(n: int, batch_size: int, drop_last: bool, min_batch_size: int) -> list[int]:
+    """Batch sizes of one epoch over `n` samples.
+
+    1. drop_last (the toolbox's rule): the last partial batch is dropped when the set holds at
+       least one full batch; a set smaller than one batch stays one batch.
+    2. min_batch_size: a trailing batch smaller than it is merged into the batch before it.
+    """
+    if n <= 0:
+        return []
+    if min_batch_size > n:
+        raise BenchsuiteError(f"the training set has {n} image(s), fewer than the method's min_batch_size "
+                              f"{min_batch_size}; use more shots or classes")
+    full, rest = divmod(n, batch_size)
+    sizes = [batch_size] * full
+    if rest and not (drop_last and full >= 1):
+        sizes.append(rest)
+    if len(sizes) > 1 and sizes[-1] < min_batch_size:
+        tail = sizes.pop()
+        sizes[-1] += tail
+    return sizes
+
+
+class TrainBatchSampler(Sampler[list[int]]):
+    """Shuffled index batches following :func:`tail_rule`."""
+
+    def __init__(self, data: Sized, batch_size: int, *, drop_last: bool = False, min_batch_size: int = 1):
+        self.sampler = RandomSampler(data)
+        self.sizes = tail_rule(len(data), batch_size, drop_last, min_batch_size)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = iter(self.sampler)
+        for size in self.sizes:
+            yield [next(order) for _ in range(size)]
