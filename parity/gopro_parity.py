@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     method.train_step(TrainBatch(images=images, labels=labels, views=[moco, augmix]), 0)["loss"].backward()
     optimizer.step()
     for name, tensor in learnables(model).items():
-        if name.split(".")[1] in ("style", "content") and name.split(".")[2] not in ("0", "11"):
+        parts = name.split(".")
+        if parts[0] == "conditioner" and parts[1] in ("style", "content") and parts[2] not in ("0", "11"):
             continue  # layers 1-10 behave like 0 and 11; keep the report short
         ok &= report(f"gradient: {name}", named[name].grad, tensor.grad)
         ok &= report(f"after one SGD step: {name}", named[name], tensor)

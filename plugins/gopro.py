@@ -45,9 +45,10 @@ Deliberate deviations (official-code quirks, methods.md 7.8)
   training image itself, like the protocol's own view; the MoCo view keeps the ImageNet statistics.
 - The MoCo and AugMix views do not share the original view's crop (they never did: the official
   views re-crop the already cropped tensor; here they crop the decoded image).
-- Batch statistics: the projector's BatchNorm needs two images; ``min_batch_size = 2`` asks the
-  harness for batches of at least two. A batch of one (possible only with an engine that ignores the
-  attribute, or ``--set batch_size=1``) skips the SimCLR term (it is undefined) and keeps CE + MSE.
+- Batch statistics: the projector's BatchNorm needs two images; ``min_batch_size = 2`` makes the
+  harness merge a trailing batch of one into the batch before it (so no image is dropped, where Dassl
+  drops the last partial batch). A batch of one reaching ``train_step`` anyway (a direct caller)
+  skips the SimCLR term, which is undefined for it, and keeps CE + MSE.
 - fp32 master parameters and fp32 logits/losses (the official code trains fp16 under CUDA autocast).
 - One batched text-encoder call per step for all 3 x B images' prompts (the official code loops over
   images); the numbers are the same.
@@ -245,7 +246,6 @@ class AugMixView:
 class GOPro(Method):
     name = "gopro"
     summary = "GOPro: style/content-conditioned prompts with MoCo/AugMix consistency and SimCLR (BMVC'23)"
-    frozen_image_encoder = False
     image_input = "images"
     min_batch_size = 2
 

@@ -100,7 +100,6 @@ class MultiModalPrompts(nn.Module):
 class MaPLe(Method):
     name = "maple"
     summary = "Multi-modal Prompt Learning: vision prompts coupled to deep text prompts (Khattak et al., CVPR'23)"
-    frozen_image_encoder = False
     image_input = "images"
 
     def __init__(self) -> None:

@@ -170,7 +170,7 @@ def test_gopro_runs_end_to_end(tmp_path, tiny_checkpoint, data_root):
 
     results = tmp_path / "results"
     argv = run_args("base2new", tiny_checkpoint, data_root, results, "--method", "gopro", "--dataset",
-                    "oxford_pets", "--seeds", "1", "--set", "epochs=1", "batch_size=12")
+                    "oxford_pets", "--seeds", "1", "--set", "epochs=1", "warmup_epochs=0", "batch_size=12")
     code, out, err = run_quiet(argv)
     assert code == 0, out + err
     (result,) = [json.loads(p.read_text()) for p in (results / "base2new" / "gopro" / "oxford_pets").glob("*.json")]

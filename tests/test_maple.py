@@ -142,7 +142,7 @@ def test_maple_runs_end_to_end(tmp_path, tiny_checkpoint, data_root):
 
     results = tmp_path / "results"
     argv = run_args("base2new", tiny_checkpoint, data_root, results, "--method", "maple", "--dataset",
-                    "oxford_pets", "--seeds", "1", "--set", "epochs=1")
+                    "oxford_pets", "--seeds", "1", "--set", "epochs=1", "warmup_epochs=0")
     code, out, err = run_quiet(argv)
     assert code == 0, out + err
     (result,) = [json.loads(p.read_text()) for p in (results / "base2new" / "maple" / "oxford_pets").glob("*.json")]
