@@ -22,8 +22,9 @@ MODEL_NAME = "bs-parity-tiny"
 
 
 def config(*, layers: int = 4, text_width: int = 128, vision_width: int = 128, embed_dim: int = 64,
-           image_size: int = 64, patch_size: int = 16) -> dict:
-    """An open_clip model config whose OpenAI-builder reading is the same architecture."""
+           image_size: int = 64, patch_size: int = 16, text_layers: int | None = None) -> dict:
+    """An open_clip model config whose OpenAI-builder reading is the same architecture (``text_layers``
+    defaults to ``layers``; GOPro's code fixes 12 vision blocks, its text tower may be shallower)."""
     for what, w in (("text_width", text_width), ("vision_width", vision_width), ("embed_dim", embed_dim)):
         if w % 64:
             raise ValueError(f"{what}={w}: OpenAI's builder needs multiples of 64 (64-wide heads)")
@@ -33,7 +34,7 @@ def config(*, layers: int = 4, text_width: int = 128, vision_width: int = 128, e
         "vision_cfg": {"image_size": image_size, "layers": layers, "width": vision_width, "patch_size": patch_size,
                        "head_width": 64},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": text_width, "heads": text_width // 64,
-                     "layers": layers},
+                     "layers": layers if text_layers is None else text_layers},
     }
 
 
