@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchsuite.clip.prompts import ClassPrompts, context_from_words, random_context
+from benchsuite.clip.prompts import ClassPrompts, initial_context
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
 
@@ -55,15 +55,7 @@ class ConditionalPromptLearner(nn.Module):
 
     def __init__(self, backbone, n_ctx: int, ctx_init: str):
         super().__init__()
-        if ctx_init:
-            ctx_init = ctx_init.replace("_", " ")
-            words = len(ctx_init.split(" "))
-            if n_ctx != words:
-                raise BenchsuiteError(f"cocoop: ctx_init {ctx_init!r} has {words} words, which fixes the context "
-                                      f"length, but n_ctx is {n_ctx}; set n_ctx={words}, or ctx_init=\"\"")
-            vectors = context_from_words(backbone, ctx_init, n_ctx)
-        else:
-            vectors = random_context(n_ctx, backbone.text_width)
+        vectors, prefix_text = initial_context(backbone, n_ctx, ctx_init, method="cocoop")
         self.ctx = nn.Parameter(vectors)
         width = backbone.embed_dim  # the official vis_dim = visual.output_dim
         self.meta_net = nn.Sequential(OrderedDict([
@@ -71,7 +63,7 @@ class ConditionalPromptLearner(nn.Module):
             ("relu", nn.ReLU(inplace=True)),
             ("linear2", nn.Linear(width // 16, backbone.text_width)),
         ]))
-        self.prompts = ClassPrompts(backbone, n_ctx, ctx_init or None)
+        self.prompts = ClassPrompts(backbone, n_ctx, prefix_text)
 
     def contexts(self, image_features: torch.Tensor) -> torch.Tensor:
         """Per-image context [B, M, D] = ctx + meta_net(f) on every token; f normalised image features."""

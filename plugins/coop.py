@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchsuite.clip.prompts import POSITIONS, ClassPrompts, context_from_words, random_context
+from benchsuite.clip.prompts import POSITIONS, ClassPrompts, initial_context
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
 
@@ -56,21 +56,12 @@ class PromptLearner(nn.Module):
         if position not in POSITIONS:
             raise BenchsuiteError(f"coop: class_token_position must be one of {POSITIONS}, not {position!r}")
         self.position = position
-        if ctx_init:
-            ctx_init = ctx_init.replace("_", " ")
-            if n_ctx != len(ctx_init.split(" ")):
-                raise BenchsuiteError(
-                    f"coop: ctx_init {ctx_init!r} has {len(ctx_init.split(' '))} words, which fixes the context "
-                    f"length, but n_ctx is {n_ctx}; set n_ctx={len(ctx_init.split(' '))}, or ctx_init=\"\" for "
-                    f"{n_ctx} randomly initialised context vectors")
-            vectors = context_from_words(backbone, ctx_init, n_ctx)
-            self.csc = False
-        else:
-            vectors = random_context(*((n_cls, n_ctx) if csc else (n_ctx,)), backbone.text_width)
-            self.csc = csc
+        self.csc = csc and not ctx_init  # CSC is ignored with a word init, as in the original
+        vectors, prefix_text = initial_context(backbone, n_ctx, ctx_init, method="coop",
+                                               rows=n_cls if self.csc else None)
         self.n_ctx = n_ctx
         self.ctx = nn.Parameter(vectors)
-        self.prompts = ClassPrompts(backbone, n_ctx, ctx_init or None)
+        self.prompts = ClassPrompts(backbone, n_ctx, prefix_text)
         self.trained_classnames: list[str] | None = None  # set by the first set_classnames (training)
 
     def set_classnames(self, classnames: list[str]) -> None:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchsuite.clip.prompts import ClassPrompts, context_from_words, random_context
+from benchsuite.clip.prompts import ClassPrompts, initial_context
 from benchsuite.data.registry import format_template
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
@@ -63,17 +63,9 @@ class KgPromptLearner(nn.Module):
 
     def __init__(self, backbone, n_ctx: int, ctx_init: str):
         super().__init__()
-        if ctx_init:
-            ctx_init = ctx_init.replace("_", " ")
-            words = len(ctx_init.split(" "))
-            if n_ctx != words:
-                raise BenchsuiteError(f"kgcoop: ctx_init {ctx_init!r} has {words} words, which fixes the context "
-                                      f"length, but n_ctx is {n_ctx}; set n_ctx={words}, or ctx_init=\"\"")
-            vectors = context_from_words(backbone, ctx_init, n_ctx)
-        else:
-            vectors = random_context(n_ctx, backbone.text_width)
+        vectors, prefix_text = initial_context(backbone, n_ctx, ctx_init, method="kgcoop")
         self.ctx = nn.Parameter(vectors)
-        self.prompts = ClassPrompts(backbone, n_ctx, ctx_init or None)
+        self.prompts = ClassPrompts(backbone, n_ctx, prefix_text)
         self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     def set_anchor(self, backbone, texts: list[str]) -> None:

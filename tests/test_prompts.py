@@ -115,3 +115,17 @@ def test_context_and_class_set_checks(tiny_backbone):
     with pytest.raises(ContractError, match="fewer than n_ctx"):
         context_from_words(tiny_backbone, "a photo", 4)
     assert list(prompts.state_dict()) == []  # class-dependent tensors are never saved
+
+
+def test_initial_context_words_or_random(tiny_backbone):
+    from benchsuite.clip.prompts import initial_context
+    from benchsuite.errors import BenchsuiteError
+
+    vectors, prefix = initial_context(tiny_backbone, 4, "a_photo of a", method="m")
+    assert prefix == "a photo of a"
+    assert torch.equal(vectors, context_from_words(tiny_backbone, "a photo of a", 4))
+    torch.manual_seed(0)
+    vectors, prefix = initial_context(tiny_backbone, 3, "", method="m", rows=5)
+    assert prefix is None and vectors.shape == (5, 3, tiny_backbone.text_width)
+    with pytest.raises(BenchsuiteError, match=r"^kgcoop: ctx_init 'a photo of a' has 4 words.*n_ctx is 16"):
+        initial_context(tiny_backbone, 16, "a photo of a", method="kgcoop")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..data.registry import clean_classname
-from ..errors import ContractError
+from ..errors import BenchsuiteError, ContractError
 
 POSITIONS = ("end", "middle", "front")
 #: Sequences per text-encoder call when encoding without a chunk size of the caller's (evaluation).
@@ -48,6 +48,23 @@ def context_from_words(backbone, words: str, n_ctx: int) -> torch.Tensor:
     if n_ctx > n_tokens:
         raise ContractError(f"context init {words!r} has {n_tokens} tokens, fewer than n_ctx={n_ctx}")
     return backbone.embed_tokens(tokens)[0, 1:1 + n_ctx].float().cpu().clone()
+
+
+def initial_context(backbone, n_ctx: int, ctx_init: str, *, method: str,
+                    rows: Optional[int] = None) -> tuple[torch.Tensor, Optional[str]]:
+    """The CoOp family's two initialisations in one place (CoOp, CoCoOp, KgCoOp): the frozen
+    embeddings of the words of ``ctx_init``, whose word count fixes ``n_ctx`` as in those codes, or
+    N(0, 0.02^2) vectors (``[rows, n_ctx, D]`` for a class-specific context). Returns the vectors
+    and the ``ClassPrompts`` prefix text (the init words; None for "X" placeholders)."""
+    if ctx_init:
+        words = ctx_init.replace("_", " ")
+        count = len(words.split(" "))
+        if n_ctx != count:
+            raise BenchsuiteError(f"{method}: ctx_init {words!r} has {count} words, which fixes the context length, "
+                                  f"but n_ctx is {n_ctx}; set n_ctx={count}, or ctx_init=\"\" for {n_ctx} randomly "
+                                  f"initialised context vectors")
+        return context_from_words(backbone, words, n_ctx), words
+    return random_context(*((rows, n_ctx) if rows else (n_ctx,)), backbone.text_width), None
 
 
 def random_context(*shape: int, std: float = 0.02) -> torch.Tensor:
