@@ -118,9 +118,7 @@ class CoOp(Method):
         return F.normalize(self.learner.text_features().float(), dim=-1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        with self.backbone.fp32():  # cosine logits near 100 lose ties in bf16/fp16
-            image = F.normalize(image_features.float(), dim=-1)
-            return self.backbone.logit_scale * image @ text_features.float().t()
+        return self.backbone.cosine_logits(image_features, text_features)
 
     @hookimpl
     def train_step(self, batch: TrainBatch, epoch: int) -> dict[str, torch.Tensor]:

@@ -168,9 +168,7 @@ class ProGrad(Method):
         return self.learner
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        with self.backbone.fp32():  # cosine logits near 100 lose ties in bf16/fp16
-            image = F.normalize(image_features.float(), dim=-1)
-            return self.backbone.logit_scale * image @ text_features.float().t()
+        return self.backbone.cosine_logits(image_features, text_features)
 
     @hookimpl
     def train_step(self, batch: TrainBatch, epoch: int) -> dict[str, torch.Tensor]:

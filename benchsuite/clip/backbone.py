@@ -248,6 +248,14 @@ class Backbone:
         """Leave autocast for a small fp32 computation (logits, losses) inside a step."""
         return torch.autocast(device_type=self.device.type, enabled=False)
 
+    def cosine_logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """exp(logit_scale) * cos(image, text) in fp32, the CoOp family's classifier: image features
+        are normalised here, text features must be normalised already. fp32 because cosine logits
+        near 100 lose ties in bf16/fp16."""
+        with self.fp32():
+            image = torch.nn.functional.normalize(image_features.float(), dim=-1)
+            return self.logit_scale * image @ text_features.float().t()
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids on the host ([N, context_length]); EOT is the argmax (highest id)."""
         return self.tokenizer(texts)
