@@ -108,9 +108,9 @@ def official_trainer(repo: Path, state: dict):
 
 def learnables(pl) -> dict[str, torch.Tensor]:
     """The official prompt learner's learnable tensors under the plugin's parameter names."""
-    out = {"ctx": pl.ctx, "proj.weight": pl.proj.weight, "proj.bias": pl.proj.bias}
+    out = {"text.sets.0": pl.ctx, "proj.weight": pl.proj.weight, "proj.bias": pl.proj.bias}
     for i, p in enumerate(pl.compound_prompts_text):
-        out[f"deep_text.{i}"] = p
+        out[f"text.sets.{i + 1}"] = p
     for i, layer in enumerate(pl.compound_prompt_projections):
         out[f"deep_proj.{i}.weight"], out[f"deep_proj.{i}.bias"] = layer.weight, layer.bias
     return out

@@ -11,7 +11,8 @@ Behaviour followed
   Linear(text_width -> vision_width), replacing the last ``n_ctx`` visual tokens. The ``F_j`` are deep
   copies of ONE freshly initialised Linear, so all start identical (the official ``_get_clones``).
 - Logits exp(logit_scale) * cos(prompted image feature, prompted text feature), cross-entropy, the
-  same forward at train and test time. Deep prompts go through the shared prompted encoders
+  same forward at train and test time. The text prompts (context and deep sets) are one `LayerPrompts`;
+  deep prompts go through the shared prompted encoders
   (`Backbone.encode_embeddings` / `Backbone.encode_image`); nothing re-implements the transformer loop.
 - Parameters on ViT-B/16 at depth 9: 1,024 + 393,984 + 8 x (1,024 + 393,984) = 3,555,072.
 
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchsuite.clip.layer_prompts import LayerPrompts
 from benchsuite.clip.prompts import ClassPrompts, context_from_words, random_context
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
@@ -70,19 +72,26 @@ class MultiModalPrompts(nn.Module):
         text_width, vision_width = backbone.text_width, backbone.vision_width
         ctx_init = ctx_init.replace("_", " ")
         word_init = bool(ctx_init) and n_ctx <= MAX_WORD_INIT
-        # parameters are created in the official order (ctx, proj, deep text prompts, couplings)
-        self.ctx = nn.Parameter(context_from_words(backbone, ctx_init, n_ctx) if word_init
-                                else random_context(n_ctx, text_width))
+        # parameters are drawn in the official order (ctx, proj, deep text prompts, couplings)
+        first = (context_from_words(backbone, ctx_init, n_ctx) if word_init
+                 else random_context(n_ctx, text_width))
         self.proj = nn.Linear(text_width, vision_width)
-        self.deep_text = nn.ParameterList([nn.Parameter(random_context(n_ctx, text_width))
-                                           for _ in range(depth - 1)])
+        # set 0 is the context after SOS, sets 1..depth-1 the deep text prompts (shared machinery)
+        self.text = LayerPrompts(depth, n_ctx, text_width, first=first)
         single = nn.Linear(text_width, vision_width)
         self.deep_proj = nn.ModuleList([copy.deepcopy(single) for _ in range(depth - 1)])
         self.prompts = ClassPrompts(backbone, n_ctx, ctx_init if word_init else None)
         self.depth, self.n_ctx = depth, n_ctx
 
-    def text_deep_prompts(self) -> Optional[list[Optional[torch.Tensor]]]:
-        return [None, *self.deep_text] if len(self.deep_text) else None
+    @property
+    def ctx(self) -> nn.Parameter:
+        """The learnable context after SOS (the text prompts' set 0)."""
+        return self.text.input
+
+    @property
+    def deep_text(self) -> list[nn.Parameter]:
+        """The deep text prompts P_1..P_{depth-1}, each replacing the context before its block."""
+        return list(self.text.sets[1:])
 
     def vision_prompts(self) -> tuple[torch.Tensor, Optional[list[Optional[torch.Tensor]]]]:
         """(input-level vision prompt, deep vision prompts): always projections of the text prompts."""
@@ -90,7 +99,7 @@ class MultiModalPrompts(nn.Module):
         return self.proj(self.ctx), ([None, *deep] if deep else None)
 
     def text_features(self) -> torch.Tensor:
-        return self.prompts.encode(self.ctx, deep_prompts=self.text_deep_prompts())
+        return self.prompts.encode(self.ctx, deep_prompts=self.text.deep())
 
     def image_features(self, backbone, images: torch.Tensor) -> torch.Tensor:
         shallow, deep = self.vision_prompts()

@@ -85,7 +85,7 @@ def test_depth_is_clamped_to_the_model(tiny_backbone):
     _, module = setup_maple(tiny_backbone)  # depth 9 on a 2-layer model
     assert module.depth == tiny_backbone.text_layers == 2 and len(module.deep_text) == len(module.deep_proj) == 1
     _, module = setup_maple(tiny_backbone, prompt_depth=1)
-    assert module.text_deep_prompts() is None and module.vision_prompts()[1] is None
+    assert module.text.deep() is None and module.vision_prompts()[1] is None
 
 
 def test_vision_prompts_change_when_only_the_text_prompts_change(tiny_backbone):
@@ -109,7 +109,27 @@ def test_vision_prompts_change_when_only_the_text_prompts_change(tiny_backbone):
         torch.testing.assert_close(module.state_dict()[k], v, rtol=0, atol=0)
     # no free vision parameter: text prompts and coupling Linears only
     names = {name.split(".")[0] for name, _ in module.named_parameters()}
-    assert names == {"ctx", "deep_text", "proj", "deep_proj"}
+    assert names == {"text", "proj", "deep_proj"}
+    assert module.text.sets[0] is module.ctx and list(module.text.sets[1:]) == module.deep_text
+
+
+def test_parameters_are_drawn_in_the_official_order(tiny_backbone):
+    """Seeded like the official builder: word-initialised ctx (no draw), proj, deep text prompts, one coupling."""
+    from torch import nn
+
+    from benchsuite.clip.prompts import random_context
+
+    torch.manual_seed(3)
+    _, module = setup_maple(tiny_backbone)
+    torch.manual_seed(3)
+    proj = nn.Linear(tiny_backbone.text_width, tiny_backbone.vision_width)
+    deep = [random_context(2, tiny_backbone.text_width) for _ in range(module.depth - 1)]
+    single = nn.Linear(tiny_backbone.text_width, tiny_backbone.vision_width)
+    torch.testing.assert_close(module.proj.weight.detach(), proj.weight.detach(), rtol=0, atol=0)
+    for got, want in zip(module.deep_text, deep):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+    for layer in module.deep_proj:
+        torch.testing.assert_close(layer.weight.detach(), single.weight.detach(), rtol=0, atol=0)
 
 
 def test_image_loss_trains_the_text_prompts(tiny_backbone):
