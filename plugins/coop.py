@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchsuite.clip.prompts import POSITIONS, ClassPrompts, initial_context
+from benchsuite.engine.recipe import coop_few_shot_epochs
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
 
-FEW_SHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 
 
 class PromptLearner(nn.Module):
@@ -99,7 +99,7 @@ class CoOp(Method):
     def recipe(self, protocol, dataset: str, shots: int) -> dict[str, Any]:
         common = {"batch_size": 32, "lr": 0.002, "csc": False, "class_token_position": "end"}
         if protocol.task == "few_shot":
-            epochs = 50 if dataset == "imagenet" else FEW_SHOT_EPOCHS.get(shots, 200)
+            epochs = coop_few_shot_epochs(dataset, shots)
             return {**common, "epochs": epochs, "n_ctx": 16, "ctx_init": ""}
         # transfer protocols train on their source (ImageNet) with vit_b16_ep50_ctxv1
         epochs = 50 if dataset == "imagenet" or protocol.task == "transfer" else 200

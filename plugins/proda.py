@@ -60,10 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchsuite.clip.prompts import ClassPrompts, random_context
+from benchsuite.engine.recipe import coop_few_shot_epochs
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
 
-FEW_SHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 
 
 def mixed_positions(k: int) -> list[str]:
@@ -148,7 +148,7 @@ class ProDA(Method):
     def recipe(self, protocol, dataset: str, shots: int) -> dict[str, Any]:
         common = {"batch_size": 32, "lr": 0.002, "n_prompts": 32, "n_ctx": 16, "prompt_batch": 4, "alpha": 0.1}
         if protocol.task == "few_shot":
-            epochs = 50 if dataset == "imagenet" else FEW_SHOT_EPOCHS.get(shots, 200)
+            epochs = coop_few_shot_epochs(dataset, shots)
         elif protocol.task == "transfer" or dataset == "imagenet":
             epochs = 50
         else:

@@ -56,11 +56,11 @@ from torch import nn
 
 from benchsuite.clip.prompts import ClassPrompts, context_from_words, random_context
 from benchsuite.data.registry import format_template
+from benchsuite.engine.recipe import coop_few_shot_epochs
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
 
 N_CTX = 16
-FEW_SHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 #: ProGrad's CUSTOM_TEMPLATES where they differ from the dataset's CoOp template (methods.md 3.2).
 PROGRAD_TEMPLATES = {
     "oxford_pets": "a type of pet, a photo of a {}.",
@@ -146,7 +146,7 @@ class ProGrad(Method):
         lam = 0.8 if dataset in LAMBDA_08 and shots in (8, 16) else 1.0
         common = {"batch_size": 32, "lr": 0.002, "n_ctx": N_CTX, "lambda": lam, "temperature": 1.0}
         if protocol.task == "few_shot":
-            epochs = 50 if dataset == "imagenet" else FEW_SHOT_EPOCHS.get(shots, 200)
+            epochs = coop_few_shot_epochs(dataset, shots)
         elif protocol.task == "transfer" or dataset == "imagenet":
             epochs = 50
         else:

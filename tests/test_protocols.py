@@ -306,3 +306,20 @@ def test_training_loop_uses_the_schedule(tiny_backbone, monkeypatch):
     train_module.train(pm, "scalar", module, batches, recipe, tiny_backbone, "images")
     assert [lr for lr, _, _ in seen] == pytest.approx(expected, rel=1e-9)
     assert {(m, wd) for _, m, wd in seen} == {(0.9, 5e-4)}
+
+
+def test_coop_few_shot_schedule_is_shared_by_the_coop_family():
+    """CoOp, ProGrad and ProDA read one few-shot schedule (methods.md 4.2): 50/100/100/200/200, ImageNet 50."""
+    from benchsuite.engine.recipe import coop_few_shot_epochs
+    from benchsuite.methods import get_method, job_manager
+    from benchsuite.protocols import load_protocol
+
+    protocol = load_protocol("few_shot")
+    assert [coop_few_shot_epochs("dtd", k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert {coop_few_shot_epochs("imagenet", k) for k in (1, 2, 4, 8, 16)} == {50}
+    for name in ("coop", "prograd", "proda"):
+        pm, _ = job_manager(get_method(name))
+        for dataset in ("dtd", "imagenet"):
+            for k in (1, 2, 4, 8, 16):
+                assert pm.hook.recipe(protocol=protocol, dataset=dataset, shots=k)["epochs"] == \
+                    coop_few_shot_epochs(dataset, k), (name, dataset, k)

@@ -25,6 +25,14 @@ HARNESS_DEFAULTS: dict[str, Any] = {
 
 Overrides = dict[str | None, dict[str, Any]]
 
+#: CoOp's few-shot schedule (methods.md 4.2): epochs by shots per class; ProGrad and ProDA train for it too.
+COOP_FEW_SHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+
+
+def coop_few_shot_epochs(dataset: str, shots: int) -> int:
+    """Epochs of CoOp's few-shot configs: ``vit_b16_ep50`` on ImageNet at every shot count, else by shots."""
+    return 50 if dataset == "imagenet" else COOP_FEW_SHOT_EPOCHS.get(shots, 200)
+
 
 def parse_overrides(pairs: list[str]) -> Overrides:
     """`key=value` (every trained method) or `method.key=value` (that method) pairs from `--set`.
