@@ -17,24 +17,23 @@ both sides' round-off is checked to be below 1e-5 of the largest gradient.
 The views are random tensors handed to both sides: the official ``mocov3`` and ``augmixtrans`` (the
 augmentation code, whose quirks the plugin does not reproduce; see the plugin's docstring) are
 replaced on the model instance by functions returning them. What else it takes to run the official
-code here, in this script only: ``dassl`` is stubbed, ``pandas``/``sklearn`` (imported, unused) are
-stubbed, ``.cuda()`` is a no-op, and the official ViT's cast of the pooled feature to fp16 before
-its projection (``x.to(torch.float16)``, which fails in fp32 on CPU) is mapped to fp32.
+code here (``parity/official_import.py``): ``dassl`` is stubbed, ``pandas``/``sklearn`` (imported,
+unused) are stubbed, ``.cuda()`` is a no-op, and the official ViT's cast of the pooled feature to
+fp16 before its projection (``x.to(torch.float16)``, which fails in fp32 on CPU) is mapped to fp32.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import sys
 import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_import import bare_trainer, cfg, load_trainer, official_runtime, stub_module, unused  # noqa: E402
 from tiny_clip import benchsuite_backbone, make_state_dict, report  # noqa: E402
 
 SHAPE = dict(layers=12, text_layers=2, text_width=512, vision_width=768, embed_dim=512, image_size=32, patch_size=16)
@@ -46,35 +45,15 @@ ZERO_GRADIENT = {
                             "LayerNorm of the text encoder removes",
     "simproj.linear.bias": "the BatchNorm that follows subtracts the batch mean",
 }
+#: Names ``trainers/gopro.py`` imports from ``dassl`` beyond the usual ones.
+EXTRA_DASSL = {"utils": {"MetricMeter": object, "AverageMeter": object, "save_checkpoint": unused}}
 
 
-def stub_modules() -> None:
-    class Registry:
-        def register(self, *args, **kwargs):
-            return args[0] if args and callable(args[0]) else (lambda obj: obj)
-
-    def unused(*_a, **_k):
-        raise RuntimeError("the parity script runs the official model classes and forward_backward only")
-
-    root = types.ModuleType("dassl")
-    sys.modules["dassl"] = root
-    for sub, attrs in {"engine": {"TRAINER_REGISTRY": Registry(), "TrainerX": object},
-                       "metrics": {"compute_accuracy": unused},
-                       "utils": {"MetricMeter": object, "AverageMeter": object, "load_pretrained_weights": unused,
-                                 "load_checkpoint": unused, "save_checkpoint": unused},
-                       "optim": {"build_optimizer": unused, "build_lr_scheduler": unused}}.items():
-        module = types.ModuleType(f"dassl.{sub}")
-        module.__dict__.update(attrs)
-        sys.modules[f"dassl.{sub}"] = module
-        setattr(root, sub, module)
-    pandas = types.ModuleType("pandas")
-    pandas.DataFrame = lambda *a, **k: None
-    sys.modules.setdefault("pandas", pandas)
-    sklearn, selection = types.ModuleType("sklearn"), types.ModuleType("sklearn.model_selection")
-    selection.train_test_split = unused
-    sklearn.model_selection = selection
-    sys.modules.setdefault("sklearn", sklearn)
-    sys.modules.setdefault("sklearn.model_selection", selection)
+def stub_pandas_sklearn() -> None:
+    """``pandas.DataFrame`` and ``sklearn.model_selection.train_test_split`` (imported, unused)."""
+    stub_module("pandas", DataFrame=lambda *a, **k: None)
+    stub_module("sklearn")
+    stub_module("sklearn.model_selection", train_test_split=unused)
 
 
 class _Fp32Torch(types.ModuleType):
@@ -86,44 +65,24 @@ class _Fp32Torch(types.ModuleType):
         return getattr(torch, name)
 
 
-@contextlib.contextmanager
-def no_cuda():
-    saved = torch.nn.Module.cuda, torch.Tensor.cuda
-    torch.nn.Module.cuda = lambda self, *a, **k: self
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.nn.Module.cuda, torch.Tensor.cuda = saved
-
-
-def ns(**items) -> SimpleNamespace:
-    return SimpleNamespace(**{k: ns(**v) if isinstance(v, dict) else v for k, v in items.items()})
-
-
-def official_trainer(repo: Path, state: dict, views: tuple[torch.Tensor, torch.Tensor]):
-    if not (repo / "trainers" / "gopro.py").is_file():
-        raise SystemExit(f"{repo}/trainers/gopro.py: not found; pass --official <clone of mainaksingha01/GOPro>")
-    sys.path.insert(0, str(repo))
-    stub_modules()
-    gopro = importlib.import_module("trainers.gopro")
+def official_trainer(repo: Path, state: dict[str, torch.Tensor], views: tuple[torch.Tensor, torch.Tensor]):
+    """The official GOPro CustomCLIP on ``state`` with the given (MoCo, AugMix) views, in a bare trainer."""
+    stub_pandas_sklearn()
+    gopro = load_trainer(repo, "trainers/gopro.py", extra_dassl=EXTRA_DASSL)
     clip_model_module = importlib.import_module("clip.model")
     clip_model_module.torch = _Fp32Torch("torch")
 
-    cfg = ns(TRAINER={"GOPRO": {"N_CTX": 4, "CTX_INIT": "a photo of a", "PREC": "fp32"}},
-             INPUT={"SIZE": (SHAPE["image_size"],) * 2}, MODEL={"BACKBONE": {"NAME": "ViT-B/16"}, "INIT_WEIGHTS": ""})
-    with no_cuda():
+    config = cfg(TRAINER={"GOPRO": {"N_CTX": 4, "CTX_INIT": "a photo of a", "PREC": "fp32"}},
+                 INPUT={"SIZE": (SHAPE["image_size"],) * 2},
+                 MODEL={"BACKBONE": {"NAME": "ViT-B/16"}, "INIT_WEIGHTS": ""})
+    with official_runtime():
         clip_model = clip_model_module.build_model({k: v.clone() for k, v in state.items()}).float().eval()
-        model = gopro.CustomCLIP(cfg, CLASSNAMES, clip_model)
+        model = gopro.CustomCLIP(config, CLASSNAMES, clip_model)
     model.mocov3 = lambda images: views[0]
     model.augmixtrans = lambda images: views[1]
     for name, param in model.named_parameters():  # the trainer's rule
         param.requires_grad_(any(n in name for n in ("prompt_learner", "simproj")))
-    trainer = object.__new__(gopro.GOPro)
-    trainer.model, trainer.cfg, trainer.scaler, trainer.device = model, cfg, None, torch.device("cpu")
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainer.optim = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4, dampening=0, nesterov=False)
-    trainer.batch_idx, trainer.num_batches, trainer.update_lr = 0, 1, lambda: None
+    trainer = bare_trainer(gopro.GOPro, model, config, LR)
     trainer.criterion = gopro.GOProLoss(T=None)
     return trainer
 
@@ -197,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchsuite.engine.train import make_optimizer
 
-    with no_cuda():
+    with official_runtime():
         trainer.forward_backward({"img": images, "label": labels})
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad],
                                {"lr": LR, "momentum": 0.9, "weight_decay": 5e-4})

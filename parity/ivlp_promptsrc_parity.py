@@ -8,13 +8,15 @@ Both sides get the same fp32 weights (`tiny_clip.make_state_dict`), class names,
 prompts (the official model's prompt tensors are copied into the plugin). Compared, each within 1e-5
 relative: evaluation logits; the training loss; every prompt set after one SGD step (lr 0.0025,
 momentum 0.9, weight decay 5e-4) driven by the official trainer's own ``forward_backward``; and for
-PromptSRC the Gaussian-aggregated prompts and logits after a few one-batch epochs.
+PromptSRC the Gaussian-aggregated prompts and logits after a few one-batch epochs, each epoch starting
+the plugin from the official prompts (so the check isolates the aggregation from the drift of
+training side by side, which is printed).
 
-What it takes to run the official code here (methods.md 7.12), in this script only: ``dassl`` is
-stubbed (only the trainers' model classes and ``forward_backward`` run), ``.cuda()`` is a no-op,
+What it takes to run the official code here (methods.md 7.12; ``parity/official_import.py``):
+``dassl`` is stubbed (only the trainers' model classes and ``forward_backward`` run), ``.cuda()`` is a no-op,
 ``clip._download`` points at a local state dict. The official forward casts every prompt set (and
 PromptSRC's text anchors) with ``.half()`` even in fp32 mode, so its fp32 path does not run as
-shipped (fp16 x fp32 matmul); while the official model runs, ``Tensor.half`` is the identity, which
+shipped (fp16 x fp32 matmul); while the official model runs, ``.half()`` is the identity, which
 makes both sides fp32. PromptSRC's ``ZS_image_encoder`` is built in fp16 by the official code and is
 cast to fp32 here for the same reason.
 """
@@ -22,18 +24,16 @@ cast to fp32 here for the same reason.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import sys
 import tempfile
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_clip import benchsuite_backbone, make_state_dict, report  # noqa: E402
+from official_import import bare_trainer, cfg, load_trainer, local_weights, official_runtime  # noqa: E402
+from tiny_clip import benchsuite_backbone, make_state_dict, relative_error, report  # noqa: E402
 
 SHAPE = dict(layers=4, text_width=128, vision_width=128, embed_dim=64, image_size=64, patch_size=16)
 CLASSNAMES = ["golden_retriever", "cat", "sea lion", "airplane_cabin", "1993 Geo Metro Convertible"]
@@ -42,79 +42,32 @@ LR, BATCH = 0.0025, 4
 
 
 # ---- running the official code -----------------------------------------------------------------
-def stub_dassl() -> None:
-    class Registry:
-        def register(self, *args, **kwargs):
-            return args[0] if args and callable(args[0]) else (lambda obj: obj)
-
-    def unused(*_a, **_k):
-        raise RuntimeError("the parity script runs the official model classes and forward_backward only")
-
-    root = types.ModuleType("dassl")
-    sys.modules["dassl"] = root
-    for sub, attrs in {"engine": {"TRAINER_REGISTRY": Registry(), "TrainerX": object},
-                       "utils": {"load_pretrained_weights": unused, "load_checkpoint": unused},
-                       "optim": {"build_optimizer": unused, "build_lr_scheduler": unused}}.items():
-        module = types.ModuleType(f"dassl.{sub}")
-        module.__dict__.update(attrs)
-        sys.modules[f"dassl.{sub}"] = module
-        setattr(root, sub, module)
-
-
-def load_official(repo: Path, module: str):
-    """``trainers.<module>`` of the official repository (already first on sys.path)."""
-    if not (repo / "trainers" / f"{module}.py").is_file():
-        raise SystemExit(f"{repo}/trainers/{module}.py: not found; pass --official <clone of muzairkhattak/PromptSRC>")
-    return importlib.import_module(f"trainers.{module}")
-
-
-@contextlib.contextmanager
-def official_runtime():
-    """No CUDA calls, and `.half()` as the identity (the official fp32 path is then fp32 throughout)."""
-    saved = torch.nn.Module.cuda, torch.Tensor.cuda, torch.Tensor.half
-    torch.nn.Module.cuda = lambda self, *a, **k: self
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    torch.Tensor.half = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.nn.Module.cuda, torch.Tensor.cuda, torch.Tensor.half = saved
-
-
-def ns(**items) -> SimpleNamespace:
-    return SimpleNamespace(**{k: ns(**v) if isinstance(v, dict) else v for k, v in items.items()})
-
-
 def official_cfg(trainer: str, epochs: int, gpa=(2, 1)) -> SimpleNamespace:
     node = {"N_CTX_VISION": 4, "N_CTX_TEXT": 4, "CTX_INIT": "a photo of a", "PREC": "fp32",
             "PROMPT_DEPTH_VISION": DEPTH, "PROMPT_DEPTH_TEXT": DEPTH}
     if trainer == "PROMPTSRC":
         node.update(TEXT_LOSS_WEIGHT=25, IMAGE_LOSS_WEIGHT=10, GPA_MEAN=gpa[0], GPA_STD=gpa[1])
-    return ns(MODEL={"BACKBONE": {"NAME": "ViT-B/16"}, "INIT_WEIGHTS": ""}, INPUT={"SIZE": (SHAPE["image_size"],) * 2},
-              OPTIM={"MAX_EPOCH": epochs}, TRAINER={trainer: node})
+    return cfg(MODEL={"BACKBONE": {"NAME": "ViT-B/16"}, "INIT_WEIGHTS": ""}, INPUT={"SIZE": (SHAPE["image_size"],) * 2},
+               OPTIM={"MAX_EPOCH": epochs}, TRAINER={trainer: node})
 
 
-def official_trainer(module, trainer_cls: str, cfg, classnames):
+def official_trainer(module, trainer_cls: str, config: SimpleNamespace, classnames: list[str]):
     """The official CustomCLIP, frozen as the trainer's build_model freezes it, inside a bare trainer
     object whose `forward_backward` is the official one (one batch = one epoch, constant lr)."""
-    with official_runtime():
-        clip_model = module.load_clip_to_cpu(cfg)
+    with official_runtime(half_is_identity=True):
+        clip_model = module.load_clip_to_cpu(config)
         clip_model.float()  # the trainers' fp32 / amp branch
-        model = module.CustomCLIP(cfg, classnames, clip_model)
+        model = module.CustomCLIP(config, classnames, clip_model)
     if hasattr(model.prompt_learner, "ZS_image_encoder"):
         model.prompt_learner.ZS_image_encoder.float()  # built in fp16 by the official code
     for name, param in model.named_parameters():  # the trainer's rule
         learnable = ("prompt_learner" in name and "ZS_image_encoder" not in name) or "VPT" in name
         param.requires_grad_(learnable)
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainer = object.__new__(getattr(module, trainer_cls))
-    trainer.model, trainer.cfg, trainer.scaler, trainer.device = model, cfg, None, torch.device("cpu")
-    trainer.optim = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4, dampening=0, nesterov=False)
-    trainer.batch_idx, trainer.num_batches, trainer.update_lr = 0, 1, lambda: None
+    trainer = bare_trainer(getattr(module, trainer_cls), model, config, LR)
     if hasattr(trainer, "get_gauss"):  # PromptSRC's GPA state, as its build_model sets it up
-        node = cfg.TRAINER.PROMPTSRC
+        node = config.TRAINER.PROMPTSRC
         gauss = trainer.get_gauss(node.GPA_MEAN, node.GPA_STD)
-        weights = [gauss(e) for e in range(1, cfg.OPTIM.MAX_EPOCH + 1)]
+        weights = [gauss(e) for e in range(1, config.OPTIM.MAX_EPOCH + 1)]
         trainer.gauss = [w / sum(weights) for w in weights]
         trainer.step_counter, trainer.previous_model_gpa = 1, None
     return trainer
@@ -159,7 +112,7 @@ def eval_logits_plugin(method, images):
 
 def eval_logits_official(model, images):
     model.eval()
-    with torch.no_grad(), official_runtime():
+    with torch.no_grad(), official_runtime(half_is_identity=True):
         return model(images)
 
 
@@ -176,7 +129,7 @@ def plugin_step(method, module, optimizer, images, labels):
 
 def official_step(trainer, images, labels) -> float:
     trainer.model.train()
-    with official_runtime():
+    with official_runtime(half_is_identity=True):
         return trainer.forward_backward({"img": images, "label": labels})["loss"]
 
 
@@ -206,8 +159,19 @@ def run(name: str, official_module, trainer_cls: str, cfg_name: str, backbone, i
     ok &= report(f"{name}: training loss (first step)", loss.detach(), torch.tensor(official_loss))
     ok &= compare_prompts(f"{name} after one SGD step", (text, vision), module)
     if name == "promptsrc":
+        # GPA is compared on per-epoch snapshots that differ by one step's rounding only: each later epoch
+        # starts the plugin from the official prompts, so the aggregate isolates the aggregation from the
+        # drift of training side by side (printed as info; the logits at logit scale 100 amplify it)
         method.epoch_end(0, epochs)
         for epoch in range(1, epochs):
+            text, vision = official_prompts(trainer.model)
+            pairs = list(zip(list(module.text.sets) + list(module.vision.sets), text + vision))
+            drift = max(relative_error(p, o) for p, o in pairs)
+            print(f"info: promptsrc before epoch {epoch + 1}: prompts trained side by side differ by "
+                  f"rel.err {drift:.2e}; the plugin continues from the official ones")
+            with torch.no_grad():
+                for p, o in pairs:
+                    p.copy_(o)
             plugin_step(method, module, optimizer, images, labels)
             method.epoch_end(epoch, epochs)
             official_step(trainer, images, labels)
@@ -224,18 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official", type=Path, required=True, help="a clone of muzairkhattak/PromptSRC")
     parser.add_argument("--epochs", type=int, default=4, help="PromptSRC epochs of one batch for the GPA check")
     args = parser.parse_args(argv)
-    repo = args.official.resolve()
-    stub_dassl()
-    sys.path.insert(0, str(repo))
     state = make_state_dict(seed=0, **SHAPE)
-    from clip import clip as official_clip  # the official repository's own clip package
-
-    folder = Path(tempfile.mkdtemp(prefix="bs-parity-ivlp-"))
-    torch.save(state, folder / "official.pt")
-    official_clip._MODELS["ViT-B/16"] = str(folder / "official.pt")
-    official_clip._download = lambda url, root=None: url
-    ivlp_official = load_official(repo, "independentVL")
-    promptsrc_official = load_official(repo, "promptsrc")
+    ivlp_official = load_trainer(args.official, "trainers/independentVL.py")
+    promptsrc_official = load_trainer(args.official, "trainers/promptsrc.py")
+    local_weights(ivlp_official.clip, state, Path(tempfile.mkdtemp(prefix="bs-parity-ivlp-")))
 
     backbone = benchsuite_backbone(state, **SHAPE)
     gen = torch.Generator().manual_seed(0)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from official_import import cfg, load_trainer, local_weights, no_cuda  # noqa: E402
+from official_import import cfg, load_trainer, local_weights, official_runtime  # noqa: E402
 from tiny_clip import benchsuite_backbone, make_state_dict, official_model, report  # noqa: E402
 
 from benchsuite.engine.recipe import HARNESS_DEFAULTS  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> int:
                  DATASET={"NAME": "DescribableTextures"}, MODEL={"BACKBONE": {"NAME": "ViT-B/16"}},
                  INPUT={"SIZE": (SIZE, SIZE)})
     torch.manual_seed(args.seed)
-    with no_cuda():
+    with official_runtime():
         ref = official.CustomCLIP(config, CLASSNAMES, official_model(official.clip.build_model, state))
     for name, p in ref.named_parameters():  # the official trainer's requires_grad rule
         p.requires_grad_("ctx" in name)

@@ -7,8 +7,8 @@
 ``ProGradLoss``) with the repo's own ``clip`` package, and the Dassl fork's
 ``TrainerBase.prograd_backward_and_update`` (with the three helpers it calls) taken from
 ``Dassl.ProGrad.pytorch/dassl/engine/trainer.py``. The rest of Dassl (yacs, tensorboard, data
-managers) is not needed and is replaced by stub modules here, as is ``load_clip_to_cpu`` (it would
-download weights). Plugin side: the installed ``benchsuite_plugins.prograd`` on
+managers) is not needed and is replaced by stub modules (``parity/official_import.py``), as is
+``load_clip_to_cpu`` (it would download weights). Plugin side: the installed ``benchsuite_plugins.prograd`` on
 ``parity/tiny_clip.py`` weights loaded through benchsuite's own loader.
 
 Compared (fp32, relative error, tolerance 1e-5): the initial context (zeros + template words) and
@@ -23,33 +23,16 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_import import cfg, load_trainer  # noqa: E402
 from tiny_clip import benchsuite_backbone, make_state_dict, official_model, report  # noqa: E402
 
 CLASSNAMES = ["abyssinian", "american_bulldog", "great_pyrenees", "yorkshire_terrier", "sphynx"]
 LR, MOMENTUM, WD = 0.002, 0.9, 5e-4
-
-
-def stub_dassl() -> None:
-    """Just enough of `dassl` for `trainers/prograd.py` to import (its trainer class is not used)."""
-    def module(name, **attrs):
-        m = types.ModuleType(name)
-        m.__dict__.update(attrs)
-        sys.modules[name] = m
-        return m
-
-    registry = SimpleNamespace(register=lambda *a, **k: (lambda cls: cls))
-    module("dassl")
-    module("dassl.engine", TRAINER_REGISTRY=registry, TrainerX=object)
-    module("dassl.metrics", compute_accuracy=None)
-    module("dassl.utils", load_pretrained_weights=None, load_checkpoint=None)
-    module("dassl.optim", build_optimizer=None, build_lr_scheduler=None)
 
 
 def official_updater(trainer_py: Path):
@@ -71,25 +54,21 @@ def main() -> int:
     parser.add_argument("--official", type=Path, required=True, help="clone of BeierZhu/Prompt-align")
     args = parser.parse_args()
     root = args.official.resolve()
-    sys.path.insert(0, str(root / "ProGrad.public"))
-    stub_dassl()
-    from clip.model import build_model  # the repo's own clip package
-    import trainers.prograd as official
+    official = load_trainer(root / "ProGrad.public", "trainers/prograd.py")
+    build_model = official.clip.build_model  # the repo's own clip package
 
     from benchsuite.hookspecs import SetupContext, TrainBatch
     from benchsuite.protocols import load_protocol
     from benchsuite_plugins.prograd import ProGrad
 
     state = make_state_dict(seed=0)
-    official.load_clip_to_cpu = lambda cfg: build_model({k: v.clone() for k, v in state.items()})
-    cfg = SimpleNamespace(
-        TRAINER=SimpleNamespace(COOP=SimpleNamespace(N_CTX=16, CTX_INIT=True, CSC=False, CLASS_TOKEN_POSITION="end",
-                                                     PREC="fp32")),
-        DATASET=SimpleNamespace(NAME="OxfordPets"), INPUT=SimpleNamespace(SIZE=(64, 64)),
-        MODEL=SimpleNamespace(BACKBONE=SimpleNamespace(NAME="tiny")))
+    official.load_clip_to_cpu = lambda _config: build_model({k: v.clone() for k, v in state.items()})
+    config = cfg(TRAINER={"COOP": {"N_CTX": 16, "CTX_INIT": True, "CSC": False, "CLASS_TOKEN_POSITION": "end",
+                                   "PREC": "fp32"}},
+                 DATASET={"NAME": "OxfordPets"}, INPUT={"SIZE": (64, 64)}, MODEL={"BACKBONE": {"NAME": "tiny"}})
     clip_model = official_model(build_model, state)
-    student = official.CustomCLIP(cfg, CLASSNAMES, clip_model).eval()
-    teacher = official.CLIP(cfg, CLASSNAMES)
+    student = official.CustomCLIP(config, CLASSNAMES, clip_model).eval()
+    teacher = official.CLIP(config, CLASSNAMES)
     criterion = official.ProGradLoss(T=1.0)
     Updater = official_updater(root / "Dassl.ProGrad.pytorch" / "dassl" / "engine" / "trainer.py")
 
