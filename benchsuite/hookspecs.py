@@ -25,6 +25,8 @@ A job runs, in this order::
     setup(ctx)                                 -> nn.Module holding everything learnable (moved to
                                                   the device by the harness)
     train_views(image_spec)                    -> extra view transforms (default none)
+    load_training_state(state)                 (only when the job resumes from an epoch checkpoint:
+                                                  after module, optimizer and RNGs are restored)
     for each epoch:                            (harness: SGD, warm-up, epoch-stepped cosine)
         for each batch:                        (never smaller than Method.min_batch_size)
             train_step(batch, epoch)           -> {"loss": fp32 scalar tensor, "part": ..., ...}
@@ -33,6 +35,7 @@ A job runs, in this order::
                                                   skips non-finite steps, steps and updates)
         every part's epoch mean recorded and checked for finiteness (one host sync per epoch)
         epoch_end(epoch, num_epochs)
+        training_state()                       -> non-module state, kept in the epoch checkpoint
     train_end()
     for each evaluation set:
         prepare_eval(classnames, dataset, template)
@@ -252,7 +255,8 @@ class MethodSpec:
 
         Before a training, setup also runs once on a separate instance of the method for the
         one-batch check (random generators are restored afterwards): keep all state on the
-        instance or in the returned module, and never modify the shared ``ctx.backbone``.
+        instance or in the returned module, and never modify the shared ``ctx.backbone``. Instance
+        state that training changes must also go through :func:`training_state`.
         """
 
     @hookspec(firstresult=True)
@@ -299,6 +303,32 @@ class MethodSpec:
     @hookspec
     def epoch_end(self, epoch: int, num_epochs: int) -> None:
         """Called after every training epoch (e.g. PromptSRC's Gaussian prompt aggregation)."""
+
+    @hookspec
+    def training_state(self) -> Optional[dict[str, Any]]:
+        """What the method changed during training outside its module's parameters and buffers, or
+        None when there is nothing (e.g. PromptSRC's running aggregation sum, ProDA's prompt-order
+        generator and the rest of its permutation).
+
+        A job's epoch checkpoint (``benchsuite.engine.checkpoint``) saves the module's
+        ``state_dict()``, the optimizer and the global RNGs; anything else would restart from
+        ``setup`` when a pre-empted job resumes, and its result would silently differ from an
+        uninterrupted run's. So a method holding such state must implement this hook and
+        :func:`load_training_state`; a method keeping everything in its module needs neither.
+
+        Called after :func:`epoch_end` at every epoch boundary of a checkpointed training (every
+        training the runner does); the answer is kept, as a detached CPU copy and by plugin name, in
+        the job's checkpoint. Values: tensors and plain Python data only (dict with str or int keys,
+        list, tuple, str, int, float, bool, None), since the checkpoint is
+        read with ``torch.load(weights_only=True)``; anything else is a ContractError at the first
+        epoch boundary, as is a state without a :func:`load_training_state` to take it back.
+        """
+
+    @hookspec
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Take back what :func:`training_state` returned at the saved epoch boundary (tensors on the
+        CPU). Called only when a job resumes: after ``setup``, after the module, optimizer and RNGs are
+        restored, before the first remaining epoch."""
 
     @hookspec
     def train_end(self) -> None:

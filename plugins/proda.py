@@ -35,6 +35,8 @@ Decisions on the open points (methods.md 4.9, 7.11)
   ``--set proda.prompt_batch=32`` estimates the statistics from all prompts every step. Order: the
   K prompts are visited in a fresh permutation every K / P steps, drawn from a CPU generator seeded
   with the job seed (reproducible; the third-party copy draws it from the unseeded CUDA stream).
+  The generator's state and the rest of the current permutation go into the epoch checkpoint
+  (``training_state``), so a resumed job visits the prompts in the uninterrupted run's order.
 - Covariance normaliser 1/P (the maximum-likelihood estimate from the P sampled prompts); the
   BMIPRS copy divides by P + 1.
 - Class names: "_" becomes a space, as in every CoOp-family prompt (the BMIPRS copy builds the
@@ -176,6 +178,15 @@ class ProDA(Method):
             self.order = torch.randperm(self.collection.ctx.shape[0], generator=self.generator)
         idx, self.order = self.order[:self.prompt_batch], self.order[self.prompt_batch:]
         return idx
+
+    @hookimpl
+    def training_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order}
+
+    @hookimpl
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"]
 
     @hookimpl
     def train_step(self, batch: TrainBatch, epoch: int) -> dict[str, torch.Tensor]:

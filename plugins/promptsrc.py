@@ -19,7 +19,9 @@ Behaviour followed
   and summed; after the last epoch (``train_end``) they are replaced by the sum, so the evaluated
   model and the saved ``state_dict()`` (shared by cross-dataset and DG) are the aggregated one.
   ``gpa_mean`` and ``gpa_std`` are measured in epochs (``Method.epoch_settings``), so a protocol
-  profile scales them with ``epochs``.
+  profile scales them with ``epochs``. The running sum lives outside the module, so it goes into the
+  epoch checkpoint through ``training_state`` (a resumed job aggregates every epoch, not only those
+  after the resume).
 - Inference: prompted logits only.
 
 Default recipe per protocol (by task, so toy protocols inherit it)
@@ -100,6 +102,10 @@ class GaussianAggregate:
         snapshot = [p.detach().float() * weight for p in self.params]
         self.sum = snapshot if self.sum is None else [s + t for s, t in zip(self.sum, snapshot)]
 
+    def resume(self, total: list[torch.Tensor] | None) -> None:
+        """Continue from a checkpointed running sum (None before the first epoch), on the parameters' device."""
+        self.sum = None if total is None else [s.to(p.device) for s, p in zip(total, self.params, strict=True)]
+
     @torch.no_grad()
     def load(self) -> None:
         if self.sum is not None:
@@ -170,6 +176,14 @@ class PromptSRC(IVLP):
     @hookimpl
     def epoch_end(self, epoch: int, num_epochs: int) -> None:
         self.gpa.add(epoch, num_epochs)
+
+    @hookimpl
+    def training_state(self) -> dict[str, Any]:
+        return {"gpa_sum": self.gpa.sum}
+
+    @hookimpl
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.gpa.resume(state["gpa_sum"])
 
     @hookimpl
     def train_end(self) -> None:

@@ -8,11 +8,16 @@ import random
 import signal
 
 import numpy as np
+import pluggy
 import pytest
 import torch
 
-from benchsuite.engine.checkpoint import EpochCheckpoint, rng_state, set_rng_state
-from benchsuite.hookspecs import hookimpl
+from benchsuite.engine.checkpoint import (EpochCheckpoint, load_training_states, rng_state, set_rng_state,
+                                          training_states)
+from benchsuite.engine.runner import BestTestEpoch, Runner
+from benchsuite.errors import ContractError
+from benchsuite.hookspecs import PROJECT, MethodSpec, hookimpl
+from benchsuite.methods import get_method
 from test_run import load_results, result_files, run_args, run_quiet, temp_files
 
 EPOCHS = 4
@@ -34,11 +39,10 @@ def uninterrupted(tmp_path_factory, tiny_checkpoint, data_root):
     return result, _trained_state(results)
 
 
-def _stop_at(monkeypatch, stop: int, action):
-    """Make CoOp's first step of epoch index `stop` perform `action` (send a signal, crash)."""
-    from benchsuite_plugins.coop import CoOp
-
-    original = CoOp.train_step
+def _stop_at(monkeypatch, stop: int, action, method: str = "coop"):
+    """Make the method's first step of epoch index `stop` perform `action` (send a signal, crash)."""
+    cls = get_method(method).cls
+    original = cls.train_step
     fired = []
 
     @hookimpl
@@ -48,7 +52,7 @@ def _stop_at(monkeypatch, stop: int, action):
             action()
         return original(self, batch, epoch)
 
-    monkeypatch.setattr(CoOp, "train_step", train_step)
+    monkeypatch.setattr(cls, "train_step", train_step)
     return fired
 
 
@@ -106,6 +110,137 @@ def test_a_crashed_job_resumes_from_its_last_written_checkpoint(monkeypatch, tmp
     assert result["timing"]["train_resumed"] == 1
     assert result["metrics"] == reference["metrics"]
     assert torch.allclose(_trained_state(results)["ctx"], reference_state["ctx"], atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# state kept outside the module: the training_state / load_training_state hooks
+
+
+def _method_args(results, tiny_checkpoint, data_root, method: str, *settings: str) -> list[str]:
+    return run_args("cross_dataset", tiny_checkpoint, data_root, results, "--method", method, "--seeds", "1",
+                    "--no-feature-cache", "--set", f"epochs={EPOCHS}", *settings)
+
+
+def _completed(args: list[str], results):
+    """Run to the end; the one result and the trained (shared) state."""
+    code, out, err = run_quiet(args)
+    assert code == 0, out + err
+    (result,) = load_results(results).values()
+    return result, _trained_state(results)
+
+
+def _signalled_at(monkeypatch, stop_epoch: int, args: list[str], method: str) -> None:
+    """Run `args` until SIGUSR1 at the first step of epoch index `stop_epoch` (its checkpoint saved)."""
+    with monkeypatch.context() as patch:
+        _stop_at(patch, stop_epoch, lambda: os.kill(os.getpid(), signal.SIGUSR1), method)
+        code, out, err = run_quiet(args)
+    assert code == 143 and f"checkpoint saved after epoch {stop_epoch}" in err, out + err
+
+
+def _assert_same_training(result, state, reference, reference_state) -> None:
+    assert result["timing"]["train_resumed"] == 1
+    assert result["metrics"] == reference["metrics"]
+    assert state.keys() == reference_state.keys()
+    for key in state:
+        assert torch.allclose(state[key], reference_state[key], atol=1e-6, rtol=0), key
+
+
+@pytest.mark.parametrize("method,settings", [
+    ("promptsrc", ["promptsrc.gpa_mean=2", "promptsrc.gpa_std=1"]),  # the epochs before the stop weigh in GPA
+    ("proda", []),
+])
+def test_a_resumed_job_keeps_the_state_its_method_holds_outside_the_module(method, settings, monkeypatch, tmp_path,
+                                                                          tiny_checkpoint, data_root):
+    """PromptSRC's running GPA sum and ProDA's prompt-order generator and permutation are Python
+    attributes: through training_state they survive a stop after epoch 2 of 4, so the aggregated
+    (PromptSRC) or trained (ProDA) prompts and the metrics equal the uninterrupted run's."""
+    reference = _completed(_method_args(tmp_path / "plain", tiny_checkpoint, data_root, method, *settings),
+                           tmp_path / "plain")
+    args = _method_args(tmp_path / "resumed", tiny_checkpoint, data_root, method, *settings)
+    _signalled_at(monkeypatch, 2, args, method)
+    _assert_same_training(*_completed(args, tmp_path / "resumed"), *reference)
+
+
+def test_best_test_epoch_selection_survives_a_resume(monkeypatch, tmp_path, tiny_checkpoint, data_root):
+    """Every epoch scores the same (a constant scorer), so the first epoch's state is selected; a job
+    resumed after epoch 2 still knows that best score and state instead of taking epoch 3's."""
+    monkeypatch.setattr(Runner, "_first_eval_scorer", lambda self, *args: (lambda: 50.0))
+    settings = ("coop.model_selection=best_test_epoch",)
+    reference = _completed([*_method_args(tmp_path / "plain", tiny_checkpoint, data_root, "coop", *settings),
+                            "--allow-model-selection"], tmp_path / "plain")
+    args = [*_method_args(tmp_path / "resumed", tiny_checkpoint, data_root, "coop", *settings),
+            "--allow-model-selection"]
+    _signalled_at(monkeypatch, 2, args, "coop")
+    _assert_same_training(*_completed(args, tmp_path / "resumed"), *reference)
+
+
+class _Counter:
+    """A plugin with training state outside any module: a step count, a tensor, plain nested data."""
+
+    def __init__(self) -> None:
+        self.steps, self.history, self.notes = 0, torch.zeros(0), []
+
+    @hookimpl
+    def training_state(self):
+        return {"steps": self.steps, "history": self.history, "notes": self.notes}
+
+    @hookimpl
+    def load_training_state(self, state):
+        self.steps, self.history, self.notes = state["steps"], state["history"], state["notes"]
+
+
+def _job_pm(**plugins) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(MethodSpec)
+    for name, plugin in plugins.items():
+        pm.register(plugin, name=name)
+    return pm
+
+
+def test_training_states_round_trip_through_a_weights_only_checkpoint_by_plugin_name(tmp_path):
+    module = torch.nn.Linear(2, 1, bias=False)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    counter, selector = _Counter(), BestTestEpoch(lambda: 7.0, module)
+    counter.steps, counter.history, counter.notes = 3, torch.arange(3.0), ["a", ("b", 1.5, None, True), {"k": 2}]
+    selector.epoch_end(epoch=0, num_epochs=3)
+    best = module.weight.detach().clone()
+    ckpt = EpochCheckpoint(tmp_path / "c.pt")
+    ckpt.epoch_done(1, module, optimizer, seconds=1.0, images=4,
+                    training_state=training_states(_job_pm(method=counter, selector=selector)))
+    counter.history += 1  # the checkpoint holds a detached copy
+
+    fresh, fresh_selector = _Counter(), BestTestEpoch(lambda: 1.0, module)
+    blob = EpochCheckpoint(tmp_path / "c.pt").restore(module, optimizer)  # torch.load(weights_only=True)
+    assert set(blob["training_state"]) == {"method", "selector"}
+    load_training_states(_job_pm(method=fresh, selector=fresh_selector), blob["training_state"])
+    assert fresh.steps == 3 and torch.equal(fresh.history, torch.arange(3.0))
+    assert fresh.notes == ["a", ("b", 1.5, None, True), {"k": 2}]
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    fresh_selector.epoch_end(epoch=1, num_epochs=3)  # scores 1.0 < 7.0: epoch 1 stays the best
+    fresh_selector.train_end()
+    assert fresh_selector.best == 7.0 and torch.equal(module.weight, best)
+
+
+def test_training_state_a_resume_could_not_load_is_refused_at_the_first_boundary():
+    class NumpyState(_Counter):
+        @hookimpl
+        def training_state(self):
+            return {"mean": np.float64(0.5)}
+
+    class NoLoader:
+        @hookimpl
+        def training_state(self):
+            return {"steps": 1}
+
+    with pytest.raises(ContractError, match=r"plugin 'm', hook training_state: state\['mean'\] is a numpy.float64.*"
+                                            r"weights_only"):
+        training_states(_job_pm(m=NumpyState()))
+    with pytest.raises(ContractError, match="does not implement load_training_state"):
+        training_states(_job_pm(m=NoLoader()))
+    with pytest.raises(ContractError, match="training state of plugin 'gone'"):
+        load_training_states(_job_pm(m=_Counter()), {"gone": {"steps": 1}})
+    assert list(training_states(_job_pm(m=_Counter(), plain=object()))) == ["m"]  # a plugin without the hook: nothing
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

@@ -129,6 +129,18 @@ def test_prompt_order_is_a_seeded_permutation_in_chunks(tiny_backbone):
         assert sorted(i for chunk in epoch for i in chunk) == list(range(8))
 
 
+def test_prompt_order_resumes_from_its_training_state(tiny_backbone, tmp_path):
+    """Generator state and the rest of the permutation go through a weights-only checkpoint file:
+    a fresh instance loading them draws what the uninterrupted one draws (mid-permutation too)."""
+    a, _ = make(tiny_backbone, n_prompts=8, prompt_batch=2, seed=3)
+    for _ in range(5):  # one whole permutation and one chunk of the next
+        a.next_prompts()
+    torch.save(a.training_state(), tmp_path / "state.pt")
+    b, _ = make(tiny_backbone, n_prompts=8, prompt_batch=2, seed=3)
+    b.load_training_state(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert [b.next_prompts().tolist() for _ in range(7)] == [a.next_prompts().tolist() for _ in range(7)]
+
+
 def test_prompt_batch_must_divide_the_prompts(tiny_backbone):
     with pytest.raises(BenchsuiteError, match="prompt_batch=5 must be >= 1 and divide n_prompts=32"):
         make(tiny_backbone, prompt_batch=5)

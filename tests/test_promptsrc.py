@@ -153,6 +153,32 @@ def test_aggregated_prompts_are_the_gaussian_weighted_mean_of_epoch_snapshots(ti
     assert any(not torch.allclose(state[k], last[k]) for k in state) or weights[-1] > 0.999
 
 
+def test_the_gpa_sum_resumes_from_its_training_state(tiny_backbone, few_templates, tmp_path):
+    """The running sum of epochs 1-2 goes through a weights-only checkpoint file: an instance resumed
+    from it (module state loaded as the harness does) aggregates exactly like the uninterrupted one."""
+    torch.manual_seed(0)
+    method, module = setup_promptsrc(tiny_backbone, gpa_mean=2, gpa_std=1)
+
+    def epoch(m, mod, index):
+        with torch.no_grad():
+            for p in (p for p in mod.parameters() if p.requires_grad):
+                p.add_(0.1 * (index + 1))
+        m.epoch_end(index, 4)
+
+    for index in range(2):
+        epoch(method, module, index)
+    torch.save(method.training_state(), tmp_path / "state.pt")
+    resumed, resumed_module = setup_promptsrc(tiny_backbone, gpa_mean=2, gpa_std=1)
+    resumed_module.load_state_dict(module.state_dict())
+    resumed.load_training_state(torch.load(tmp_path / "state.pt", weights_only=True))
+    for index in range(2, 4):
+        epoch(method, module, index)
+        epoch(resumed, resumed_module, index)
+    method.train_end(), resumed.train_end()
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(resumed_module.state_dict()[key], value, atol=0, rtol=0)
+
+
 def test_a_non_positive_gpa_std_is_refused_in_one_line(tiny_backbone, few_templates):
     with pytest.raises(BenchsuiteError, match="gpa_std must be > 0"):
         setup_promptsrc(tiny_backbone, gpa_std=0)

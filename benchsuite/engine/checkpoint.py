@@ -2,12 +2,15 @@
 
 Full-benchmark jobs train for up to an hour on clusters that pre-empt and time out. At every epoch
 boundary the loop hands its state here (learnable module state, optimizer, the next epoch, which
-fixes the schedule position, and every RNG the loop draws from); it is kept in memory and written
-every `every` epochs, atomically (temporary file + rename), to `<results>/_checkpoints/<job id>.pt`.
-A pre-emption signal (SIGTERM, or SIGUSR1, benchsuite's pre-emption warning) writes the last
-boundary at once. A restarted job restores it and continues with the same RNG stream, so its
-result equals an uninterrupted run's (exactly, on CPU with in-process data loading). The runner
-deletes the file once the job's result is written.
+fixes the schedule position, every RNG the loop draws from, and each plugin's answer to the
+`training_state` hook: what a method, or the harness's test-set model selection, keeps outside the
+module, such as PromptSRC's running aggregation sum or ProDA's prompt-order generator); it is kept
+in memory as a detached CPU copy and written every `every` epochs, atomically (temporary file +
+rename), to `<results>/_checkpoints/<job id>.pt`. A pre-emption signal (SIGTERM, or SIGUSR1,
+benchsuite's pre-emption warning) writes the last boundary at once. A restarted job restores it,
+hands every plugin its state back (`load_training_state`) and continues with the same RNG stream,
+so its result equals an uninterrupted run's (exactly, on CPU with in-process data loading). The
+runner deletes the file once the job's result is written.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pluggy
 import torch
 
-from ..errors import Preempted
+from ..errors import ContractError, Preempted
 
 #: signals that save the last epoch boundary and stop the job (outside Slurm/submitit)
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -40,6 +44,61 @@ def _copy(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_copy(v) for v in obj)
     return obj
+
+
+#: leaf types of a plugin's training state: what `torch.load(weights_only=True)` reads back
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj: Any, where: str, path: str = "state") -> None:
+    """Refuse, at the first epoch boundary, a training state a resumed job could not load."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
+        return
+    if type(obj) is dict:
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise ContractError(f"{where}: key {key!r} of {path} is a {type(key).__name__}; use str or int keys")
+            _check_plain(value, where, f"{path}[{key!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for index, value in enumerate(obj):
+            _check_plain(value, where, f"{path}[{index}]")
+        return
+    raise ContractError(f"{where}: {path} is a {type(obj).__module__}.{type(obj).__qualname__}; return tensors "
+                        f"and plain Python data only (dict, list, tuple, str, int, float, bool, None), which the "
+                        f"checkpoint reads back with torch.load(weights_only=True)")
+
+
+def training_states(pm: pluggy.PluginManager) -> dict[str, dict[str, Any]]:
+    """Every plugin's answer to the `training_state` hook, by plugin name (None answers left out).
+
+    By name, not as pluggy's list of answers, so each state goes back to the plugin that gave it
+    (the method and the harness's best-test-epoch selection both keep some)."""
+    loaders = {impl.plugin_name for impl in pm.hook.load_training_state.get_hookimpls()}
+    states = {}
+    for impl in pm.hook.training_state.get_hookimpls():
+        state = impl.function()
+        if state is None:
+            continue
+        where = f"plugin {impl.plugin_name!r}, hook training_state"
+        if type(state) is not dict:
+            raise ContractError(f"{where}: must return a dict or None, got {type(state).__name__}")
+        if impl.plugin_name not in loaders:
+            raise ContractError(f"{where}: returns state, but the plugin does not implement load_training_state, "
+                                f"so a resumed job would lose it")
+        _check_plain(state, where)
+        states[impl.plugin_name] = state
+    return states
+
+
+def load_training_states(pm: pluggy.PluginManager, states: dict[str, dict[str, Any]]) -> None:
+    """Hand each plugin the state it saved (on resume, after module, optimizer and RNGs)."""
+    impls = {impl.plugin_name: impl for impl in pm.hook.load_training_state.get_hookimpls()}
+    for name, state in states.items():
+        if name not in impls:
+            raise ContractError(f"the epoch checkpoint holds training state of plugin {name!r}, which this job "
+                                f"does not register with a load_training_state hook")
+        impls[name].function(state=state)
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,7 +134,8 @@ class EpochCheckpoint:
     # ---- the training loop's side ------------------------------------------------------------
     def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """Load the saved state into module and optimizer and the RNGs; None when there is none.
-        Returns the snapshot (its `epoch` is the next epoch to run, plus `seconds`, `images`, `extra`)."""
+        Returns the snapshot (its `epoch` is the next epoch to run, plus `seconds`, `images`, `extra`
+        and `training_state`, for `load_training_states`)."""
         if not self.path.exists():
             return None
         blob = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -88,13 +148,14 @@ class EpochCheckpoint:
         return blob
 
     def epoch_done(self, epoch: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                   seconds: float, images: int, extra: dict[str, Any] | None = None) -> None:
+                   seconds: float, images: int, extra: dict[str, Any] | None = None,
+                   training_state: dict[str, Any] | None = None) -> None:
         """Record the boundary after `epoch` epochs (kept in memory for a signal); write it to disk
-        every `every` epochs."""
+        every `every` epochs. `training_state`: the plugins' non-module state (`training_states`)."""
         self._snapshot = {"epoch": epoch, "module": _copy(module.state_dict()),
                           "optimizer": _copy(optimizer.state_dict()), "rng": _copy(rng_state()),
                           "seconds": float(seconds), "images": int(images), "resumed": self.resumed,
-                          "extra": _copy(extra or {})}
+                          "extra": _copy(extra or {}), "training_state": _copy(training_state or {})}
         if epoch % self.every == 0:
             self.save()
 

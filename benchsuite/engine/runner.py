@@ -50,7 +50,9 @@ MODEL_SELECTIONS = ("last_epoch", "best_test_epoch")
 class BestTestEpoch:
     """GOPro's selection, harness-owned and opt-in: after every epoch, score the model on the job's
     first evaluation set (its test split) and load the best epoch's state when training ends.
-    Registered ``trylast`` so it sees the state after the method's own epoch_end/train_end."""
+    Registered ``trylast`` so it sees the state after the method's own epoch_end/train_end. The best
+    score and state so far go into the epoch checkpoint (``training_state``), so a resumed job
+    chooses among all epochs, not only those after the resume."""
 
     def __init__(self, score, module: torch.nn.Module):
         self.score, self.module = score, module
@@ -67,6 +69,14 @@ class BestTestEpoch:
     def train_end(self) -> None:
         if self.state is not None:
             self.module.load_state_dict(self.state)
+
+    @hookimpl
+    def training_state(self) -> dict[str, Any]:
+        return {"best": self.best, "state": self.state}
+
+    @hookimpl
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.best, self.state = float(state["best"]), state["state"]
 
 
 @dataclass

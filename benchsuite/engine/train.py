@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import TrainBatch
-from .checkpoint import EpochCheckpoint
+from .checkpoint import EpochCheckpoint, load_training_states, training_states
 from .schedule import epoch_lr
 
 
@@ -135,8 +135,8 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
           image_input: str, *, progress: str = "", scaler: Optional[torch.amp.GradScaler] = None,
           checkpoint: EpochCheckpoint | None = None) -> TrainStats:
     """Train `module` for the recipe's epochs; with `checkpoint`, resume from its saved epoch and
-    hand it every epoch boundary (times, images, loss history and skipped steps count the
-    interrupted attempts too)."""
+    hand it every epoch boundary, the plugins' `training_state` included (times, images, loss
+    history and skipped steps count the interrupted attempts too)."""
     epochs = int(recipe["epochs"])
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -154,6 +154,7 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
         n_skipped, prior_cpu = int(extra.get("skipped_steps", 0)), float(extra.get("cpu_seconds", 0.0))
         if scaler is not None and extra.get("scaler"):
             scaler.load_state_dict(extra["scaler"])
+        load_training_states(pm, resumed.get("training_state", {}))
     _synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(first_epoch, epochs), desc=progress or f"train {method}", unit="epoch", leave=False,
@@ -187,7 +188,8 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
                      "cpu_seconds": prior_cpu + time.process_time() - cpu_start,
                      "scaler": scaler.state_dict() if scaler is not None else {}}
             checkpoint.epoch_done(epoch + 1, module, optimizer, images=n_images,
-                                  seconds=prior_seconds + time.perf_counter() - start, extra=extra)
+                                  seconds=prior_seconds + time.perf_counter() - start, extra=extra,
+                                  training_state=training_states(pm))
     pm.hook.train_end()
     _synchronize(device)
     return TrainStats(seconds=prior_seconds + time.perf_counter() - start, images=n_images,
