@@ -1,9 +1,10 @@
 """Run jobs: from a (protocol, method, dataset, shots, seed) tuple to one validated result file.
 
-Reading order of one job (`Runner.run_job`): resolve the recipe and the job id, skip if a valid
-result exists or another process holds the job, seed every RNG, sample the few-shot split (and
-record its manifest), build the method, train (or reuse a training shared with another protocol),
-evaluate every evaluation set, and write the result atomically.
+Reading order of one job (`Runner.run_job`): `_plan` resolves the recipe, then the job id; skip if
+a valid result exists or another process holds the job; `_execute` seeds every RNG, samples the
+few-shot split (and records its manifest), builds the method, `_train`s it (or reuses a training
+shared with another protocol), `_evaluate`s every evaluation set and returns the result record,
+which `run_job` writes atomically.
 """
 
 from __future__ import annotations
@@ -77,6 +78,29 @@ class BestTestEpoch:
     @hookimpl
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.best, self.state = float(state["best"]), state["state"]
+
+
+@dataclass
+class TrainRecord:
+    """What a job's training contributes to its result (all zero for a method that does not train)."""
+    seconds: float = 0.0
+    images: int = 0
+    cpu_seconds: float = 0.0
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    skipped_steps: int = 0
+    resumed: int = 0
+    shared_from: str | None = None
+
+
+@dataclass
+class EvalRecord:
+    """What a job's evaluations contribute to its result, summed over its evaluation sets."""
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    images: int = 0
+    feature_cache: str = "off"
 
 
 @dataclass
@@ -287,17 +311,16 @@ class Runner:
 
     def _execute(self, job: Job, entry: MethodEntry, pm, recipe, chash, jid, backbone_rec, prefix,
                  epoch_scale: float = 1.0) -> dict:
+        """One job after planning: build the method, train it, evaluate it, and return the result record."""
         b = self.backbone
         if b.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(b.device)
         seed_everything(job.seed)
         split, manifest_sha = self.fewshot(job)
         train_split = subsample_classes(split, job.train_classes)
-        spec = get_dataset(job.dataset)
         ctx = SetupContext(backbone=b, classnames=train_split.classnames, dataset=job.dataset,
-                           template=spec.template, recipe=recipe, protocol=job.protocol, shots=job.shots,
-                           seed=job.seed, device=b.device, epoch_scale=epoch_scale)
-        t_tf = train_transform(b.image_spec)
+                           template=get_dataset(job.dataset).template, recipe=recipe, protocol=job.protocol,
+                           shots=job.shots, seed=job.seed, device=b.device, epoch_scale=epoch_scale)
         train_fp = fingerprint(train_split.train, train_split.root)
         share_key = None
         if recipe["epochs"] > 0 and job.protocol.task == "transfer":  # cross_dataset and domain_generalization
@@ -307,7 +330,7 @@ class Runner:
         if self.smoke and recipe["epochs"] > 0 and not (share_key and self._shared_path(share_key).exists()):
             _, items, classnames, _ = next(iter(self.eval_data(job, split)))
             first = next(iter(job.evals()))
-            smoke_check(entry, ctx, train_split.train, t_tf,
+            smoke_check(entry, ctx, train_split.train, train_transform(b.image_spec),
                         (items, classnames, first.dataset, get_dataset(first.dataset).template,
                          test_transform(b.image_spec)))
         module = pm.hook.setup(ctx=ctx)
@@ -315,79 +338,94 @@ class Runner:
             raise ContractError(f"method {job.method!r}, hook setup: must return an nn.Module, got {type(module).__name__}")
         module.to(b.device)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        train_seconds, train_images, shared_from, resumed = 0.0, 0, None, 0
-        train_cpu, losses, skipped_steps = 0.0, {}, 0
-        image_input = recipe["image_input"]
+        trained = TrainRecord()
         if recipe["epochs"] > 0:
-            with self._shared_lock(share_key):  # a concurrent job sharing this training waits, then reuses it
-                shared = self._load_shared(share_key, module)
-                if shared is not None:
-                    train_seconds, train_images, shared_from, train_cpu, losses = shared
-                    if shared_from == jid:  # its own training, saved just before an interruption
-                        shared_from = None
-                    else:
-                        self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
-                else:
-                    if recipe["model_selection"] == "best_test_epoch":
-                        pm.register(BestTestEpoch(self._first_eval_scorer(job, image_input, split, pm, module),
-                                                  module), name="harness:best_test_epoch")
-                    views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
-                    loader = loaders.train_loader(train_split.train, t_tf, int(recipe["batch_size"]),
-                                                  workers=self.workers, pin_memory=b.device.type == "cuda",
-                                                  views=views, preload_budget=self.preload_budget,
-                                                  drop_last=bool(recipe["drop_last"]),
-                                                  min_batch_size=int(entry.cls.min_batch_size))
-                    ckpt = self.checkpoint(jid)
-                    with ckpt.active(self.preempt_signals):
-                        stats = train(pm, job.method, module, loader, recipe, b, image_input,
-                                      progress=f"{prefix} train", scaler=make_grad_scaler(b), checkpoint=ckpt)
-                    train_seconds, train_images, resumed = stats.seconds, stats.images, ckpt.resumed
-                    train_cpu, losses, skipped_steps = stats.cpu_seconds, stats.losses, stats.skipped_steps
-                    self._save_shared(share_key, module, jid, stats)
-        e_tf = test_transform(b.image_spec)
-        metrics, evals, eval_seconds, eval_images, eval_cpu = {}, {}, 0.0, 0, 0.0
-        batch_size = int(job.protocol.spec["eval_batch_size"])
-        cache_states = []
-        for ev, items, classnames, root in self.eval_data(job, split):
-            fp = fingerprint(items, root)
-            batches, state = self._eval_batches(image_input, items, fp, batch_size, f"{prefix} features {ev.key}")
-            cache_states.append(state)
-            res = evaluate(pm, job.method, module, batches(), classnames, ev.dataset, get_dataset(ev.dataset).template,
-                           b, progress=f"{prefix} eval {ev.key}", prepare_per_batch=not self.class_text_once)
-            metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total, **res.calibration}
-            evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
-                             "n_classes": len(classnames), "transform": describe(e_tf)}
-            eval_seconds += res.seconds
-            eval_cpu += res.cpu_seconds
-            eval_images += res.total
+            trained = self._train(job, entry, pm, module, recipe, split, train_split, share_key, jid, prefix)
+        evaluated = self._evaluate(job, pm, module, recipe["image_input"], split, prefix)
         peak, kind = _peak_memory(b.device)
         return {
             "schema_version": 2,
             "job": {"id": jid, "protocol": job.protocol.ref(), "method": job.method, "dataset": job.dataset,
                     "shots": job.shots, "seed": job.seed},
             "method": {"name": job.method, "source": entry.source, "recipe": recipe, "config_hash": chash,
-                       "default_recipe": True, "overrides": {}, "trainable_params": trainable,
+                       "default_recipe": True, "overrides": {},
+                       "trainable_params": trainable,
                        "extra_knowledge": list(entry.cls.extra_knowledge), "transductive": entry.cls.transductive},
             "backbone": backbone_rec,
             "data": {"train": {"dataset": job.dataset, "fingerprint": train_fp, "n_images": len(train_split.train),
                                "n_classes": len(train_split.classnames), "manifest_sha256": manifest_sha,
-                               "transform": describe(t_tf)},
-                     "evals": evals},
-            "metrics": metrics,
-            "timing": {"train_seconds": train_seconds, "train_images": train_images,
-                       "train_ms_per_image": 1000.0 * train_seconds / train_images if train_images else 0.0,
-                       "train_cpu_seconds": train_cpu, "eval_seconds": eval_seconds, "eval_cpu_seconds": eval_cpu,
-                       "eval_images": eval_images,
-                       "eval_images_per_second": eval_images / eval_seconds if eval_seconds > 0 else 0.0,
-                       "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": shared_from,
-                       "train_resumed": resumed,
-                       "eval_feature_cache": "hit" if cache_states and set(cache_states) == {"hit"} else
-                                             "off" if set(cache_states) <= {"off"} else "miss"},
-            "training": {"loss_per_epoch": losses, "skipped_steps": skipped_steps,
+                               "transform": describe(train_transform(b.image_spec))},
+                     "evals": evaluated.evals},
+            "metrics": evaluated.metrics,
+            "timing": {"train_seconds": trained.seconds, "train_images": trained.images,
+                       "train_ms_per_image": 1000.0 * trained.seconds / trained.images if trained.images else 0.0,
+                       "train_cpu_seconds": trained.cpu_seconds, "eval_seconds": evaluated.seconds,
+                       "eval_cpu_seconds": evaluated.cpu_seconds, "eval_images": evaluated.images,
+                       "eval_images_per_second": (evaluated.images / evaluated.seconds if evaluated.seconds > 0
+                                                  else 0.0),
+                       "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": trained.shared_from,
+                       "train_resumed": trained.resumed, "eval_feature_cache": evaluated.feature_cache},
+            "training": {"loss_per_epoch": trained.losses, "skipped_steps": trained.skipped_steps,
                          "min_batch_size": int(entry.cls.min_batch_size), "epoch_scale": epoch_scale},
             "environment": self._env,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+    def _train(self, job: Job, entry: MethodEntry, pm, module: torch.nn.Module, recipe: dict[str, Any],
+               split: FewShotSplit, train_split: FewShotSplit, share_key: str | None, jid: str,
+               prefix: str) -> "TrainRecord":
+        """Train `module` on the job's training split, or reuse the training another job of the same
+        transfer source saved (a concurrent one waits on the lock, then reuses it)."""
+        b = self.backbone
+        with self._shared_lock(share_key):
+            shared = self._load_shared(share_key, module)
+            if shared is not None:
+                seconds, images, shared_from, cpu_seconds, losses = shared
+                if shared_from == jid:  # its own training, saved just before an interruption
+                    shared_from = None
+                else:
+                    self.echo(f"{prefix}: reusing the training of job {shared_from[:12]}")
+                return TrainRecord(seconds, images, cpu_seconds, losses, shared_from=shared_from)
+            if recipe["model_selection"] == "best_test_epoch":
+                pm.register(BestTestEpoch(self._first_eval_scorer(job, recipe["image_input"], split, pm, module),
+                                          module), name="harness:best_test_epoch")
+            views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
+            loader = loaders.train_loader(train_split.train, train_transform(b.image_spec), int(recipe["batch_size"]),
+                                          workers=self.workers, pin_memory=b.device.type == "cuda", views=views,
+                                          preload_budget=self.preload_budget, drop_last=bool(recipe["drop_last"]),
+                                          min_batch_size=int(entry.cls.min_batch_size))
+            ckpt = self.checkpoint(jid)
+            with ckpt.active(self.preempt_signals):
+                stats = train(pm, job.method, module, loader, recipe, b, recipe["image_input"],
+                              progress=f"{prefix} train", scaler=make_grad_scaler(b), checkpoint=ckpt)
+            self._save_shared(share_key, module, jid, stats)
+        return TrainRecord(stats.seconds, stats.images, stats.cpu_seconds, stats.losses,
+                           skipped_steps=stats.skipped_steps, resumed=ckpt.resumed)
+
+    def _evaluate(self, job: Job, pm, module: torch.nn.Module, image_input: str, split: FewShotSplit,
+                  prefix: str) -> "EvalRecord":
+        """Evaluate the trained module on every evaluation set of the job."""
+        out = EvalRecord()
+        batch_size = int(job.protocol.spec["eval_batch_size"])
+        transform = describe(test_transform(self.backbone.image_spec))
+        cache_states = []
+        for ev, items, classnames, root in self.eval_data(job, split):
+            fp = fingerprint(items, root)
+            batches, state = self._eval_batches(image_input, items, fp, batch_size, f"{prefix} features {ev.key}")
+            cache_states.append(state)
+            res = evaluate(pm, job.method, module, batches(), classnames, ev.dataset, get_dataset(ev.dataset).template,
+                           self.backbone, progress=f"{prefix} eval {ev.key}",
+                           prepare_per_batch=not self.class_text_once)
+            out.metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
+                                   **res.calibration}
+            out.evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
+                                 "n_classes": len(classnames), "transform": transform}
+            out.seconds += res.seconds
+            out.cpu_seconds += res.cpu_seconds
+            out.images += res.total
+        out.feature_cache = ("hit" if cache_states and set(cache_states) == {"hit"} else
+                             "off" if set(cache_states) <= {"off"} else "miss")
+        return out
 
     def _eval_batches(self, image_input: str, items, fp: str, batch_size: int, progress: str):
         """A factory of evaluation batches for one set, and the feature-cache state (hit, miss, off).
