@@ -241,24 +241,29 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
         optimizer = make_optimizer(params, recipe)
         truncate = backbone.truncate_text
 
-        def step(truncated: bool) -> Callable[[], Any]:
+        def fast(fn: Callable[[], Any], truncated: bool = True) -> Callable[[], Any]:
+            """`fn` run with the text truncation on (the fast path) or off; every timed call sets it,
+            since the calls alternate and the straightforward step switches it off."""
             def run() -> Any:
                 backbone.truncate_text = truncated
-                return train_step(pm, method, module, optimizer, backbone, images, labels, views, image_input, 0)
+                return fn()
             return run
 
-        timed = {"floor": floor, "fast": step(True)}
+        def step() -> Any:
+            return train_step(pm, method, module, optimizer, backbone, images, labels, views, image_input, 0)
+
+        timed = {"floor": floor, "fast": fast(step)}
         if straightforward:
-            timed["straightforward"] = step(False)
+            timed["straightforward"] = fast(step, truncated=False)
         if variant is not None:
             variant_params = [p for p in variant[1].parameters() if p.requires_grad]
             variant_optimizer = make_optimizer(variant_params, variant_recipe)
-            timed["compare"] = lambda: train_step(variant[0], method, variant[1], variant_optimizer, backbone, images,
-                                                  labels, views, image_input, 0)
+            timed["compare"] = fast(lambda: train_step(variant[0], method, variant[1], variant_optimizer, backbone,
+                                                       images, labels, views, image_input, 0))
         if not frozen:
             timed["prompted_floor"] = _prompted_floor(backbone, images)
             if method != "coop":
-                timed["coop"] = _coop_step(backbone, ctx, images, labels, protocol)
+                timed["coop"] = fast(_coop_step(backbone, ctx, images, labels, protocol))
         try:
             seconds = _timed_interleaved(timed, device, warmup, iters, bar)
         finally:

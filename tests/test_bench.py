@@ -70,3 +70,32 @@ def test_bench_of_an_image_prompting_method_reports_the_prompted_floor_and_coop(
     assert all(p.grad is None for p in tiny_backbone.model.parameters())  # the floor's backward stays off CLIP
     coop = run_bench(tiny_backbone, "coop", "base2new", warmup=0, iters=1, eval_images=10)
     assert "prompted_floor_ms_per_image" not in coop and "coop_train_ms_per_image" not in coop
+
+
+def test_every_training_path_but_the_straightforward_one_is_timed_with_the_text_truncation(tiny_backbone,
+                                                                                          monkeypatch):
+    """The timed calls alternate and the straightforward step switches the truncation off: the CoOp
+    reference step and a --compare variant must still run the fast path (they once inherited the
+    straightforward step's setting and read 3.5x too slow on ViT-B-16)."""
+    import benchsuite.bench as bench
+
+    seen: list[tuple[str, int, bool]] = []
+    real = bench.train_step
+
+    def recording(pm, method, module, *args, **kwargs):
+        seen.append((method, id(module), tiny_backbone.truncate_text))
+        return real(pm, method, module, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_step", recording)
+    run_bench(tiny_backbone, "ivlp", "base2new", warmup=0, iters=2, eval_images=10)
+    coop = [truncated for method, _, truncated in seen if method == "coop"]
+    assert coop and all(coop)
+    ivlp = [truncated for method, _, truncated in seen if method == "ivlp"]
+    assert ivlp.count(False) == 2 and ivlp.count(True) == 2  # fast and straightforward, twice each
+    seen.clear()
+    run_bench(tiny_backbone, "cocoop", "base2new", warmup=0, iters=2, eval_images=10,
+              overrides={"cocoop": {"batch_size": 2}}, compare={"cocoop": {"batched_text": False}})
+    modules = list(dict.fromkeys(module for _, module, _ in seen))
+    assert len(modules) == 2  # the measured instance and the --compare one
+    compare = [truncated for _, module, truncated in seen if module == modules[1]]
+    assert compare and all(compare)
