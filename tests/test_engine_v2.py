@@ -494,3 +494,31 @@ def test_a_refused_recipe_stops_the_grid_before_any_job(tmp_path, tiny_checkpoin
     assert code == 2, err
     assert "warmup_epochs=1 is not shorter than epochs=1" in err and len(err.strip().splitlines()) == 1, err
     assert not (results / "base2new").exists()  # not even the zero-shot job ran
+
+
+class UnsavableState(Probe):
+    """Keeps a running statistic as a numpy scalar: a resumed job could not read it back."""
+    name = "unsavable_state"
+    epochs = 50
+    seen: list = []
+
+    @hookimpl
+    def training_state(self):
+        import numpy as np
+
+        return {"running_mean": np.float64(0.5)}
+
+    @hookimpl
+    def load_training_state(self, state):
+        pass
+
+
+def test_training_state_a_checkpoint_cannot_hold_is_found_before_training(tmp_path, tiny_backbone, data_root,
+                                                                          use_methods):
+    UnsavableState.seen = []
+    use_methods(UnsavableState)
+    runner = make_runner(tmp_path, tiny_backbone, data_root)
+    with pytest.raises(ContractError, match=r"hook training_state: state\['running_mean'\] is a numpy.float64.*"
+                                            r"one-batch check"):
+        runner.run_job(Job(load_protocol("base2new"), UnsavableState.name, "oxford_pets", 16, 1))
+    assert [s[0] for s in UnsavableState.seen] == ["setup", "train"]  # one step, not the first of 50 epochs

@@ -35,14 +35,14 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _ACTIVE: "EpochCheckpoint | None" = None  # the checkpoint of the job training in this process
 
 
-def _copy(obj: Any) -> Any:
+def copy_state(obj: Any) -> Any:
     """A detached CPU copy of nested state (tensors cloned), so later steps cannot change it."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _copy(v) for k, v in obj.items()}
+        return {k: copy_state(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_copy(v) for v in obj)
+        return type(obj)(copy_state(v) for v in obj)
     return obj
 
 
@@ -152,10 +152,10 @@ class EpochCheckpoint:
                    training_state: dict[str, Any] | None = None) -> None:
         """Record the boundary after `epoch` epochs (kept in memory for a signal); write it to disk
         every `every` epochs. `training_state`: the plugins' non-module state (`training_states`)."""
-        self._snapshot = {"epoch": epoch, "module": _copy(module.state_dict()),
-                          "optimizer": _copy(optimizer.state_dict()), "rng": _copy(rng_state()),
+        self._snapshot = {"epoch": epoch, "module": copy_state(module.state_dict()),
+                          "optimizer": copy_state(optimizer.state_dict()), "rng": copy_state(rng_state()),
                           "seconds": float(seconds), "images": int(images), "resumed": self.resumed,
-                          "extra": _copy(extra or {}), "training_state": _copy(training_state or {})}
+                          "extra": copy_state(extra or {}), "training_state": copy_state(training_state or {})}
         if epoch % self.every == 0:
             self.save()
 

@@ -1,7 +1,8 @@
 """The one-batch check before a training: contract errors surface in seconds, not after hours.
 
 A fresh instance of the method (its own plugin manager, its own module) runs setup, one training
-step with backward and optimizer step, prepare_eval and predict on a few test images. Nothing of
+step with backward and optimizer step, epoch_end and the epoch checkpoint's training-state round
+trip (training_state, load_training_state), prepare_eval and predict on a few test images. Nothing of
 it reaches the real job: the instance is discarded and every random generator is restored, so the
 real training draws exactly what it would have drawn without the check.
 """
@@ -17,6 +18,7 @@ from ..data.loaders import ImageList
 from ..errors import ContractError
 from ..hookspecs import EvalBatch, SetupContext
 from ..methods import MethodEntry, job_manager
+from .checkpoint import copy_state, load_training_states, training_states
 from .evaluate import evaluate
 from .seeding import preserved_rng
 from .train import make_grad_scaler, make_optimizer, train_step
@@ -51,6 +53,8 @@ def smoke_check(entry: MethodEntry, ctx: SetupContext, train_items, train_transf
             module.train()
             train_step(pm, name, module, make_optimizer(params, ctx.recipe, fused=False), backbone, images, labels,
                        extra[0] if extra else [], image_input, 0, None)
+            pm.hook.epoch_end(epoch=0, num_epochs=int(ctx.recipe["epochs"]))
+            load_training_states(pm, copy_state(training_states(pm)))  # what a resumed job would do
             items, classnames, dataset, template, transform = eval_set
             test_images, test_labels = _first_batch(items, transform, [], min(len(items), SMOKE_IMAGES))
             device = backbone.device
