@@ -22,13 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_import import cfg, load_trainer  # noqa: E402
-from tiny_clip import benchsuite_backbone, make_state_dict, official_model, report  # noqa: E402
+from tiny_clip import benchsuite_backbone, make_state_dict, official_model, plugin_setup, report  # noqa: E402
 
-from benchsuite.engine.recipe import HARNESS_DEFAULTS  # noqa: E402
 from benchsuite.engine.train import make_optimizer  # noqa: E402
-from benchsuite.hookspecs import EvalBatch, SetupContext, TrainBatch  # noqa: E402
-from benchsuite.protocols import load_protocol  # noqa: E402
-from benchsuite_plugins.cocoop import CoCoOp  # noqa: E402
+from benchsuite.hookspecs import EvalBatch, TrainBatch  # noqa: E402
 
 CLASSNAMES = ["golden_retriever", "cat", "sea lion", "airplane_cabin", "1993 Geo Metro Convertible", "face",
               "water_lilly"]
@@ -53,11 +50,7 @@ def main() -> int:
         p.requires_grad_("prompt_learner" in name)
 
     backbone = benchsuite_backbone(state, image_size=SIZE)
-    method = CoCoOp()
-    recipe = {**HARNESS_DEFAULTS, **method.recipe(load_protocol("base2new"), "caltech101", 16)}
-    module = method.setup(SetupContext(backbone=backbone, classnames=CLASSNAMES, dataset="caltech101",
-                                       template="a photo of a {}.", recipe=recipe, protocol=load_protocol("base2new"),
-                                       shots=16, seed=args.seed, device=torch.device("cpu")))
+    method, module, recipe = plugin_setup("cocoop", backbone, CLASSNAMES, seed=args.seed)
     module.meta_net.load_state_dict(ref.prompt_learner.meta_net.state_dict())
 
     gen = torch.Generator().manual_seed(args.seed + 1)

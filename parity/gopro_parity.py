@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_import import bare_trainer, cfg, load_trainer, official_runtime, stub_module, unused  # noqa: E402
-from tiny_clip import benchsuite_backbone, make_state_dict, report  # noqa: E402
+from tiny_clip import benchsuite_backbone, make_state_dict, plugin_setup, report  # noqa: E402
 
 SHAPE = dict(layers=12, text_layers=2, text_width=512, vision_width=768, embed_dim=512, image_size=32, patch_size=16)
 CLASSNAMES = ["golden_retriever", "sea lion", "1993 Geo Metro Convertible"]
@@ -100,20 +100,6 @@ def learnables(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def plugin(backbone):
-    from benchsuite.hookspecs import SetupContext
-    from benchsuite.methods import get_method, job_manager
-    from benchsuite.protocols import load_protocol
-
-    pm, method = job_manager(get_method("gopro"))
-    protocol = load_protocol("base2new")
-    recipe = pm.hook.recipe(protocol=protocol, dataset="caltech101", shots=16)
-    module = method.setup(SetupContext(backbone=backbone, classnames=CLASSNAMES, dataset="caltech101",
-                                       template="a photo of a {}.", recipe=recipe, protocol=protocol, shots=16, seed=1,
-                                       device=torch.device("cpu")))
-    return method, module
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official", type=Path, required=True, help="clone of mainaksingha01/GOPro")
@@ -128,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(1)
     trainer = official_trainer(args.official.resolve(), state, (moco, augmix))
     model = trainer.model
-    method, module = plugin(backbone)
+    method, module, _ = plugin_setup("gopro", backbone, CLASSNAMES)
     named = dict(module.named_parameters())
     with torch.no_grad():
         for name, tensor in learnables(model).items():

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_import import bare_trainer, cfg, load_trainer, local_weights, official_runtime  # noqa: E402
-from tiny_clip import benchsuite_backbone, make_state_dict, relative_error, report  # noqa: E402
+from tiny_clip import benchsuite_backbone, make_state_dict, plugin_setup, relative_error, report  # noqa: E402
 
 SHAPE = dict(layers=4, text_width=128, vision_width=128, embed_dim=64, image_size=64, patch_size=16)
 CLASSNAMES = ["golden_retriever", "cat", "sea lion", "airplane_cabin", "1993 Geo Metro Convertible"]
@@ -84,19 +84,10 @@ def official_prompts(model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Par
 # ---- the plugin side ---------------------------------------------------------------------------
 def plugin(name: str, backbone, epochs: int, gpa=(2, 1)):
     from benchsuite.engine.train import make_optimizer
-    from benchsuite.hookspecs import SetupContext
-    from benchsuite.methods import get_method, job_manager
-    from benchsuite.protocols import load_protocol
 
-    pm, method = job_manager(get_method(name))
-    protocol = load_protocol("base2new")
-    recipe = {**pm.hook.recipe(protocol=protocol, dataset="caltech101", shots=16), "prompt_depth_text": DEPTH,
-              "prompt_depth_vision": DEPTH, "epochs": epochs, "lr": LR, "momentum": 0.9, "weight_decay": 5e-4}
-    if name == "promptsrc":
-        recipe.update(gpa_mean=gpa[0], gpa_std=gpa[1])
-    ctx = SetupContext(backbone=backbone, classnames=CLASSNAMES, dataset="caltech101", template="a photo of a {}.",
-                       recipe=recipe, protocol=protocol, shots=16, seed=1, device=torch.device("cpu"))
-    module = method.setup(ctx)
+    gpa_settings = {"gpa_mean": gpa[0], "gpa_std": gpa[1]} if name == "promptsrc" else {}
+    method, module, recipe = plugin_setup(name, backbone, CLASSNAMES, prompt_depth_text=DEPTH, prompt_depth_vision=DEPTH,
+                                          epochs=epochs, lr=LR, momentum=0.9, weight_decay=5e-4, **gpa_settings)
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], recipe)
     return method, module, optimizer
 

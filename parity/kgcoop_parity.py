@@ -28,13 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_import import cfg, load_trainer, local_weights, official_runtime  # noqa: E402
-from tiny_clip import benchsuite_backbone, make_state_dict, official_model, report  # noqa: E402
+from tiny_clip import benchsuite_backbone, make_state_dict, official_model, plugin_setup, report  # noqa: E402
 
-from benchsuite.engine.recipe import HARNESS_DEFAULTS  # noqa: E402
 from benchsuite.engine.train import make_optimizer  # noqa: E402
-from benchsuite.hookspecs import EvalBatch, SetupContext, TrainBatch  # noqa: E402
-from benchsuite.protocols import load_protocol  # noqa: E402
-from benchsuite_plugins.kgcoop import KgCoOp  # noqa: E402
+from benchsuite.hookspecs import EvalBatch, TrainBatch  # noqa: E402
 
 CLASSNAMES = ["banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "crystalline",
               "polka_dotted"]
@@ -69,11 +66,8 @@ def main() -> int:
         p.requires_grad_("ctx" in name)
 
     backbone = benchsuite_backbone(state, image_size=SIZE)
-    method = KgCoOp()
-    recipe = {**HARNESS_DEFAULTS, **method.recipe(load_protocol("base2new"), "dtd", 16)}
-    module = method.setup(SetupContext(backbone=backbone, classnames=CLASSNAMES, dataset="dtd",
-                                       template="{} texture.", recipe=recipe, protocol=load_protocol("base2new"),
-                                       shots=16, seed=args.seed, device=torch.device("cpu")))
+    method, module, recipe = plugin_setup("kgcoop", backbone, CLASSNAMES, dataset="dtd", template="{} texture.",
+                                          seed=args.seed)
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     images = torch.randn(BATCH, 3, SIZE, SIZE, generator=gen)

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_import import bare_trainer, cfg, load_trainer, official_runtime  # noqa: E402
-from tiny_clip import benchsuite_backbone, make_state_dict, relative_error, report  # noqa: E402
+from tiny_clip import benchsuite_backbone, make_state_dict, plugin_setup, relative_error, report  # noqa: E402
 
 SHAPE = dict(layers=4, text_width=512, vision_width=768, embed_dim=64, image_size=64, patch_size=16)
 CLASSNAMES = ["golden_retriever", "cat", "sea lion", "airplane_cabin", "1993 Geo Metro Convertible"]
@@ -65,20 +65,6 @@ def learnables(pl) -> dict[str, torch.Tensor]:
     return out
 
 
-def plugin(backbone):
-    from benchsuite.hookspecs import SetupContext
-    from benchsuite.methods import get_method, job_manager
-    from benchsuite.protocols import load_protocol
-
-    pm, method = job_manager(get_method("maple"))
-    protocol = load_protocol("base2new")
-    recipe = {**pm.hook.recipe(protocol=protocol, dataset="caltech101", shots=16), "prompt_depth": DEPTH}
-    module = method.setup(SetupContext(backbone=backbone, classnames=CLASSNAMES, dataset="caltech101",
-                                       template="a photo of a {}.", recipe=recipe, protocol=protocol, shots=16, seed=1,
-                                       device=torch.device("cpu")))
-    return method, module
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official", type=Path, required=True, help="clone of muzairkhattak/multimodal-prompt-learning")
@@ -89,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(1)
     trainer = official_trainer(args.official.resolve(), state)
     model = trainer.model
-    method, module = plugin(backbone)
+    method, module, _ = plugin_setup("maple", backbone, CLASSNAMES, prompt_depth=DEPTH)
     with torch.no_grad():
         named = dict(module.named_parameters())
         for name, tensor in learnables(model.prompt_learner).items():

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_import import cfg, load_trainer  # noqa: E402
-from tiny_clip import benchsuite_backbone, make_state_dict, official_model, report  # noqa: E402
+from tiny_clip import benchsuite_backbone, make_state_dict, official_model, plugin_setup, report  # noqa: E402
 
 CLASSNAMES = ["abyssinian", "american_bulldog", "great_pyrenees", "yorkshire_terrier", "sphynx"]
 LR, MOMENTUM, WD = 0.002, 0.9, 5e-4
@@ -57,9 +57,7 @@ def main() -> int:
     official = load_trainer(root / "ProGrad.public", "trainers/prograd.py")
     build_model = official.clip.build_model  # the repo's own clip package
 
-    from benchsuite.hookspecs import SetupContext, TrainBatch
-    from benchsuite.protocols import load_protocol
-    from benchsuite_plugins.prograd import ProGrad
+    from benchsuite.hookspecs import TrainBatch
 
     state = make_state_dict(seed=0)
     official.load_clip_to_cpu = lambda _config: build_model({k: v.clone() for k, v in state.items()})
@@ -73,12 +71,9 @@ def main() -> int:
     Updater = official_updater(root / "Dassl.ProGrad.pytorch" / "dassl" / "engine" / "trainer.py")
 
     backbone = benchsuite_backbone(state)
-    protocol = load_protocol("base2new")
-    method = ProGrad()
-    recipe = {**method.recipe(protocol, "oxford_pets", 16), "momentum": MOMENTUM, "weight_decay": WD}
-    learner = method.setup(SetupContext(backbone=backbone, classnames=CLASSNAMES, dataset="oxford_pets",
-                                        template="a photo of a {}, a type of pet.", recipe=recipe, protocol=protocol,
-                                        shots=16, seed=1, device=torch.device("cpu")))
+    method, learner, recipe = plugin_setup("prograd", backbone, CLASSNAMES, dataset="oxford_pets",
+                                           template="a photo of a {}, a type of pet.", momentum=MOMENTUM,
+                                           weight_decay=WD)
     ok = report("initial ctx (zeros + template words)", learner.ctx, student.prompt_learner.ctx)
     ok &= report("prompt embeddings (comma quirk)", learner.prompts.assemble(learner.ctx, cut=False),
                  student.prompt_learner())

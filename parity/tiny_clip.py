@@ -72,6 +72,24 @@ def benchsuite_backbone(state: dict[str, torch.Tensor], **shape):
     return load_backbone(name, str(ckpt), precision="fp32", device="cpu")
 
 
+def plugin_setup(name: str, backbone, classnames: list[str], *, dataset: str = "caltech101",
+                 template: str = "a photo of a {}.", seed: int = 1, **recipe):
+    """(method instance, its module, the recipe) of benchsuite method ``name`` built as a base2new job
+    would build it: the harness defaults, the method's 16-shot recipe for ``dataset``, then ``recipe``."""
+    from benchsuite.engine.recipe import HARNESS_DEFAULTS
+    from benchsuite.hookspecs import SetupContext
+    from benchsuite.methods import get_method, job_manager
+    from benchsuite.protocols import load_protocol
+
+    pm, method = job_manager(get_method(name))
+    protocol = load_protocol("base2new")
+    full = {**HARNESS_DEFAULTS, **pm.hook.recipe(protocol=protocol, dataset=dataset, shots=16), **recipe}
+    module = method.setup(SetupContext(backbone=backbone, classnames=classnames, dataset=dataset, template=template,
+                                       recipe=full, protocol=protocol, shots=16, seed=seed,
+                                       device=torch.device("cpu")))
+    return method, module, full
+
+
 def official_model(build_model, state: dict[str, torch.Tensor]):
     """The official ``clip.model.build_model`` (pass the function) on the same weights, cast to fp32 as the
     trainers do for fp32."""
