@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchsuite.clip.layer_prompts import LayerPrompts
+from benchsuite.clip.layer_prompts import LayerPrompts, clamp_depth
 from benchsuite.clip.prompts import ClassPrompts, context_from_words, random_context
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
@@ -68,7 +68,7 @@ class MultiModalPrompts(nn.Module):
             raise BenchsuiteError(f"maple: n_ctx and prompt_depth must be >= 1, got n_ctx={n_ctx}, "
                                   f"prompt_depth={depth}")
         # prompts enter both towers, so the depth is clamped to the shallower one
-        depth = min(depth, backbone.text_layers, backbone.vision_layers)
+        depth = clamp_depth(depth, min(backbone.text_layers, backbone.vision_layers))
         text_width, vision_width = backbone.text_width, backbone.vision_width
         ctx_init = ctx_init.replace("_", " ")
         word_init = bool(ctx_init) and n_ctx <= MAX_WORD_INIT
