@@ -31,7 +31,7 @@ from .clip.backbone import Backbone
 from .data import loaders
 from .data.datum import Datum
 from .data.transforms import train_transform
-from .engine.recipe import Overrides, declarations, resolve_recipe
+from .engine.recipe import Overrides, declarations, resolve_recipe, validate_overrides
 from .errors import BenchsuiteError
 from .engine.runner import _peak_memory
 from .engine.evaluate import compute_features, evaluate, feature_batches, image_batches
@@ -191,6 +191,10 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
     pm, _ = job_manager(entry)
     shots = max(protocol.shots)
     default = pm.hook.recipe(protocol=protocol, dataset=dataset, shots=shots)
+    # the entries are checked as `run` checks --set (a typo'd method or key is one clear error, not ignored)
+    unchanged, _ = resolve_recipe(method, default, protocol.profile, {}, **declarations(entry.cls))
+    overrides = validate_overrides(overrides, {method: [unchanged]})
+    compare = validate_overrides(compare, {method: [unchanged]}, flag="--compare")
     recipe, changed = resolve_recipe(method, default, protocol.profile, overrides, **declarations(entry.cls))
     classnames = CALTECH101[: math.ceil(len(CALTECH101) / 2)] if protocol.task == "base2new" else CALTECH101
     device = backbone.device

@@ -56,7 +56,22 @@ def test_bench_set_and_compare_time_a_second_recipe(tiny_backbone):
 def test_bench_compare_that_changes_nothing_is_refused(tiny_backbone):
     with pytest.raises(BenchsuiteError, match="change nothing"):
         run_bench(tiny_backbone, "cocoop", "base2new", warmup=0, iters=1, eval_images=10,
-                  compare={"coop": {"batched_text": False}})
+                  compare={"cocoop": {"batched_text": True}})
+
+
+@pytest.mark.parametrize("option, entries, message", [
+    ("overrides", {"cocop": {"batch_size": 4}}, r"--set cocop\.batch_size: method 'cocop' is not part of this run "
+                                                r"\(did you mean 'cocoop'\?\)"),
+    ("compare", {"coop": {"batched_text": False}}, r"--compare coop\.batched_text: method 'coop' is not part"),
+    ("overrides", {"cocoop": {"batch_sise": 4}}, r"--set cocoop\.batch_sise=4: method 'cocoop' has no recipe key "
+                                                 r"'batch_sise' \(did you mean 'batch_size'\?\)"),
+    ("compare", {"cocoop": {"batched_text": "maybe"}}, r"--compare cocoop\.batched_text=maybe: 'batched_text' "
+                                                       r"takes true or false"),
+])
+def test_bench_overrides_are_checked_like_run_set(tiny_backbone, option, entries, message):
+    """A typo'd method or key in --set/--compare is one clear error naming the flag, never silently ignored."""
+    with pytest.raises(BenchsuiteError, match=message):
+        run_bench(tiny_backbone, "cocoop", "base2new", warmup=0, iters=1, eval_images=10, **{option: entries})
 
 
 def test_bench_of_an_image_prompting_method_reports_the_prompted_floor_and_coop(tiny_backbone):

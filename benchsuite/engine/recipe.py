@@ -62,18 +62,18 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
 }
 
 
-def _shown(method: str | None, key: str, value: Any) -> str:
+def _shown(method: str | None, key: str, value: Any, flag: str = "--set") -> str:
     text = value if isinstance(value, str) else json.dumps(value)
-    return f"--set {method + '.' if method else ''}{key}={text}"
+    return f"{flag} {method + '.' if method else ''}{key}={text}"
 
 
-def check_value(method: str | None, key: str, value: Any, default: Any) -> Any:
+def check_value(method: str | None, key: str, value: Any, default: Any, flag: str = "--set") -> Any:
     """`value` typed like the recipe's `default` (and within range for harness keys), or one clear error.
 
     Why: an ill-typed override (`epochs=abc`, `lr=nan`) otherwise fails deep inside training with a
     traceback, or worse, trains with a nonsensical value and records it as a valid result.
     """
-    shown = _shown(method, key, value)
+    shown = _shown(method, key, value, flag)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise BenchsuiteError(f"{shown}: {key!r} takes true or false (default {json.dumps(default)})")
@@ -96,7 +96,8 @@ def check_value(method: str | None, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def validate_overrides(overrides: Overrides, recipes: dict[str, list[dict[str, Any]]]) -> Overrides:
+def validate_overrides(overrides: Overrides, recipes: dict[str, list[dict[str, Any]]],
+                       flag: str = "--set") -> Overrides:
     """Check `--set` entries against the resolved recipes of the methods in this run, before any cost.
 
     `recipes` maps each method of the run to the resolved recipes of its jobs. A qualified key
@@ -104,6 +105,7 @@ def validate_overrides(overrides: Overrides, recipes: dict[str, list[dict[str, A
     that trains and must exist in each of their recipes (in a run where no method trains, it changes
     nothing but is still checked against every recipe). Values are typed like the default.
     Returns the overrides with values converted (an int given for a float setting becomes a float).
+    `flag` names the option the entries came from in the errors (`bench --compare` takes them too).
     """
     out: Overrides = {}
     for method, entries in overrides.items():
@@ -111,7 +113,7 @@ def validate_overrides(overrides: Overrides, recipes: dict[str, list[dict[str, A
             trained = sorted(m for m, rs in recipes.items() if any(r.get("epochs", 0) > 0 for r in rs))
             targets = trained or sorted(recipes)
         elif method not in recipes:
-            raise BenchsuiteError(f"--set {method}.{next(iter(entries))}: method {method!r} is not part of this run"
+            raise BenchsuiteError(f"{flag} {method}.{next(iter(entries))}: method {method!r} is not part of this run"
                                   f"{did_you_mean(method, recipes)}; methods in this run: {', '.join(sorted(recipes))}")
         else:
             targets = [method]
@@ -123,10 +125,10 @@ def validate_overrides(overrides: Overrides, recipes: dict[str, list[dict[str, A
                     hint = did_you_mean(key, keys)
                     qualify = "" if method else "; an unqualified key applies to every trained method: qualify it " \
                                                 "as METHOD.KEY=VALUE to set it for one method only"
-                    raise BenchsuiteError(f"{_shown(method, key, value)}: method {target!r} has no recipe key "
+                    raise BenchsuiteError(f"{_shown(method, key, value, flag)}: method {target!r} has no recipe key "
                                           f"{key!r}{hint}; its keys: {', '.join(keys)}{qualify}")
                 default = next(r[key] for r in recipes[target] if key in r)
-                converted = check_value(method, key, value, default)
+                converted = check_value(method, key, value, default, flag)
             out.setdefault(method, {})[key] = converted
     return out
 
