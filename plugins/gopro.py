@@ -3,6 +3,15 @@ mainaksingha01/GOPro `trainers/gopro.py`, `clip/model.py`, `augmix_ops.py`, `con
 (methods.md 4.10).
 
 Behaviour followed
+- Context initialisation as the official ``PromptLearner.__init__`` (``trainers/gopro.py`` at commit
+  e284586d2ca0e0f5c9b1f423edcfbe76abc49f67): with an init phrase (``ctx_init``, default
+  "a photo of a") the context length is the phrase's number of space-separated words, whatever
+  ``N_CTX`` says, and the vectors are the embeddings of its first tokens; with an empty phrase,
+  ``n_ctx`` vectors N(0, 0.02^2) behind "X" placeholders. The official code silently ignores an
+  ``N_CTX`` that differs from the phrase's word count; here that combination (e.g. ``n_ctx=6`` with
+  "a photo of a") is refused with one error naming both settings, so a recorded recipe never
+  claims a context length that was not trained (``benchsuite.clip.prompts.initial_context``, as
+  CoOp, CoCoOp and KgCoOp). The default recipe is unchanged by this (4 words, ``n_ctx`` 4).
 - Context ``ctx`` [4, text_width] from "a photo of a", conditioned per image (CoCoOp-style): every
   context vector is shifted by the same ``pi(x)``, built from ALL blocks of the frozen, unprompted
   image encoder. For block l with token outputs x_t (t = 1..T, detached):
@@ -64,7 +73,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torch import nn
 from torchvision import transforms as T
 
-from benchsuite.clip.prompts import ClassPrompts, context_from_words
+from benchsuite.clip.prompts import ClassPrompts, initial_context
+from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
 
 #: sigma's epsilon, added to the sum of squares before the division (official AdaIN_trans).
@@ -124,13 +134,34 @@ def simclr_loss(a: torch.Tensor, b: torch.Tensor, tau: float = SIMCLR_TAU) -> to
     return (loss_a + loss_b) / 2
 
 
+def check_context_settings(n_ctx: int, ctx_init: str) -> None:
+    """Refuse, in one line, the settings the official code would train differently than recorded."""
+    words = ctx_init.replace("_", " ")
+    if words:
+        count = len(words.split(" "))
+        if n_ctx != count:
+            raise BenchsuiteError(
+                f"gopro: n_ctx={n_ctx} conflicts with ctx_init={words!r}: the official GOPro code learns one "
+                f"context vector per word of a non-empty init phrase ({count} here) and ignores N_CTX; set "
+                f"--set gopro.n_ctx={count}, or --set gopro.ctx_init= (empty) for {n_ctx} randomly "
+                f"initialised vectors, the official code's random init")
+    elif n_ctx < 1:
+        raise BenchsuiteError(f"gopro: n_ctx={n_ctx} with an empty ctx_init would learn no context vector (the "
+                              f"official code then draws n_ctx random ones); set --set gopro.n_ctx=4, or any n >= 1")
+
+
 class GOProModule(nn.Module):
     def __init__(self, backbone, n_ctx: int, ctx_init: str):
         super().__init__()
-        self.ctx = nn.Parameter(context_from_words(backbone, ctx_init, n_ctx))
+        # official PromptLearner: the init phrase's word count fixes the context length; an empty
+        # phrase means n_ctx random N(0, 0.02^2) vectors behind "X" placeholders (a conflicting
+        # n_ctx, which the official code ignores silently, is refused with one clear error)
+        check_context_settings(n_ctx, ctx_init)
+        vectors, prefix_text = initial_context(backbone, n_ctx, ctx_init, method="gopro")
+        self.ctx = nn.Parameter(vectors)
         self.conditioner = Conditioner(backbone.vision_layers, backbone.vision_width, backbone.text_width)
         self.simproj = SimProjector(backbone.embed_dim)
-        self.prompts = ClassPrompts(backbone, n_ctx, ctx_init)
+        self.prompts = ClassPrompts(backbone, vectors.shape[0], prefix_text)
 
     def encode_views(self, backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen image features (normalised, fp32) and the per-image context shift pi(x)."""

@@ -26,9 +26,19 @@ All: SGD momentum 0.9, weight decay 5e-4 (on the prompts), 1 warm-up epoch at 1e
 cosine, last epoch.
 
 Deliberate deviations
-- fp32 master prompts. The original casts every prompt set with ``.half()`` inside the forward even
-  in its fp32 mode (its fp32 path therefore rounds prompts and their gradients to fp16); here the
-  prompts reach the encoders in the run's compute precision.
+- fp32 master prompts. The original (muzairkhattak/PromptSRC at commit
+  bb95c77b634d63488f2cad81ff4a72d53bdd06d5, ``clip/model.py``) casts prompts with ``.half()`` inside
+  the forward, even in its fp32 mode: the input-level vision prompts (``VisionTransformer.forward``,
+  ``self.VPT...half()``) and every deep set, text and vision (``ResidualAttentionBlock_IVLP.forward``,
+  ``self.VPT_shallow...half()``); its fp32 path therefore rounds those prompts, and their gradients,
+  to fp16. The first-layer text context is NOT cast: ``trainers/independentVL.py`` creates
+  ``VLPromptLearner.ctx`` in CLIP's dtype (from the token embeddings, or ``torch.empty(...,
+  dtype=dtype)``: fp16 under the configs' ``PREC: "fp16"``, fp32 after ``clip_model.float()`` under
+  fp32/amp) and ``TextEncoder.forward`` adds it to the positional embedding as it is. Here the
+  prompt parameters stay fp32 and each set is cast to the dtype of the hidden states it joins: fp32
+  throughout an fp32 run; under amp whatever autocast produced there (low-precision activations on
+  the vision side, fp32 residual streams on the text side), so the run's precision, not a fixed
+  ``.half()``, decides the rounding.
 - A configured depth beyond a tower's blocks means every block, as the official builder creates
   per-block prompts only for existing blocks (the toy CLIP has 4 blocks; see ``clamp_depth``).
 - The text encoder stops after the longest EOT position of the call (exact, the mask is causal).

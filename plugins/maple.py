@@ -34,9 +34,18 @@ epoch-stepped cosine, last epoch. A depth beyond the model means every block (th
 only create prompts for the blocks that exist), so one recipe also runs on the small toy CLIP.
 
 Deliberate deviations
-- fp32 master parameters. The official code casts the shallow coupling layer to fp16 at build time and
-  rounds every vision prompt to fp16 (``.half()``) even when the model runs in fp32; here the vision
-  prompts are cast to the backbone's compute dtype only.
+- fp32 master parameters. The official code (muzairkhattak/multimodal-prompt-learning at commit
+  69bce21ae8eda80ad6187534b2dce09cf6c59e17) casts the shallow coupling layer to fp16 at build time
+  (``trainers/maple.py``, ``self.proj.half()``) and, in ``clip/model.py``'s forward, rounds to fp16
+  with ``.half()`` the input-level vision prompt (``VisionTransformer_MaPLe.forward``), every deep
+  vision prompt AND every deep text prompt (``ResidualAttentionBlock_MaPLe.forward``, both
+  branches), whatever the model's precision; the deep text prompts and deep couplings are fp32
+  parameters (created after ``build_model``'s fp16 conversion). Only the first-layer text context is
+  not cast: ``MultiModalPromptLearner.ctx`` is created in CLIP's dtype (fp16 under the configs'
+  ``PREC: "fp16"``) and added to the positional embedding as it is. (With ``PREC`` fp32 the fp16
+  ``proj`` would receive the fp32 context, a dtype mismatch: the configs only use fp16.) Here the
+  parameters stay fp32 and every text and vision prompt is cast to the dtype of the hidden states it
+  joins (see ``benchsuite_plugins.ivlp``), so the run's precision decides the rounding.
 - No sample dropped by the loader (a harness-wide rule; Dassl drops the last partial batch).
 - The text encoder stops after the longest EOT position of the call (exact, the mask is causal).
 """

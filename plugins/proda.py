@@ -51,6 +51,21 @@ Decisions on the open points (methods.md 4.9, 7.11)
 
 Deliberate deviations: fp32 master prompts; no sample dropped by the loader; text encoder cut
 after the longest EOT (harness-wide, exact).
+
+Precision (deviation from the reference, documented rather than followed). The BMIPRS copy
+(LAMDASZ-ML/BMIPRS at commit d4a3054e2d5446811a7eeec37fc683dd297a2870, the one methods.md 7.11
+follows) trains in fp32: ``trainers/proda.py``'s ``load_clip_to_cpu`` returns ``model.float()``, so
+the whole CLIP and the prompts are fp32 whatever ``PREC`` says; its config
+``configs/trainers/ProDA/vit_b16_c2_e100_ctx16_warmup5_BZ64_ProDA.yaml`` sets ``PREC: "fp16"``,
+which takes the plain (no autocast, no GradScaler) branch of ``forward_backward``, so its fp16
+switch is a no-op (only ``PREC: "amp"`` would autocast). benchsuite runs every method in the run's
+precision: ``amp`` by default on CUDA (fp16 autocast, GradScaler), fp32 on the CPU. Under amp the
+frozen image features and ProDA's text-encoder passes run their matmuls in fp16; logits, the
+covariance term and the losses are computed in fp32 (``backbone.fp32()``). A method cannot declare
+its own precision (``benchsuite.hookspecs.Method`` has no such attribute, and no per-method autocast
+switch exists), so this is documented instead of changed. To match the reference's precision, run
+ProDA with ``--precision fp32``; the surrogate's variance term weights differences of nearly equal
+prompt features by s^2 / 2 (about 5,000), so it is the part most exposed to fp16 round-off.
 """
 
 from __future__ import annotations

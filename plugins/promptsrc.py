@@ -40,9 +40,27 @@ Deliberate deviations
   frozen CLIP included, in fp16; with weights summing to 1 that changes frozen weights only by
   rounding). The weights are normalised in log space, so a mean far outside 1..E (a short run)
   puts the weight on the nearest epoch instead of dividing zero by zero.
-- fp32 master prompts, as IVLP; the frozen text anchors are computed by the run's backbone in its
-  precision and kept in fp32 (the original: a separate fp32 CLIP), the frozen image features come
-  from the same frozen encoder (the original: a second fp16 copy, ``ZS_image_encoder``).
+- fp32 master prompts, as IVLP. The original (muzairkhattak/PromptSRC at commit
+  bb95c77b634d63488f2cad81ff4a72d53bdd06d5) casts the input-level vision prompts and every deep
+  set (text and vision) with ``.half()`` in ``clip/model.py``'s forward; the first-layer text
+  context is not cast (``trainers/promptsrc.py`` creates ``VLPromptLearner.ctx`` in CLIP's dtype,
+  fp16 under the configs' ``PREC: "fp16"``, and adds it to the positional embedding as it is).
+  Here every set is cast to the dtype of the hidden states it joins (see ``benchsuite_plugins.ivlp``).
+- The frozen text anchors are computed by the run's backbone in its precision and kept in fp32 (the
+  original: a separate fp32 CLIP, ``clip_model_temp``), the frozen image features come from the
+  same frozen encoder (the original: a second fp16 copy, ``ZS_image_encoder``).
+- The zero-shot teacher of the KL term is computed in fp32 here. The original
+  (``trainers/promptsrc.py``, ``CustomCLIP.forward``) keeps ``fixed_embeddings`` in fp32 (and the
+  text L1 term uses them in fp32), but builds the teacher logits as ``logit_scale *
+  zero_shot_features @ fixed_embeddings.half().t()``: the fp16 features of ``ZS_image_encoder``
+  times the normalised anchors rounded to fp16, so the zero-shot logits are an fp16 tensor. Here
+  ``zero_shot = exp(logit_scale) * f~ . w~`` takes the fp32 anchors and the fp32 frozen features,
+  under ``backbone.fp32()``. Effect: only p~ in ``scl_kl`` differs, by fp16 rounding. fp16 values in
+  [16, 32) and [32, 64) are spaced 1/64 and 1/32, so zero-shot logits of ViT-B/16's magnitude
+  (about 20-50) are off by up to about 0.01-0.03 and each teacher probability by at most a few per
+  cent relative; a simulation with such magnitudes (4 images, 50 classes, logits 29-51) moved the
+  logits by up to 0.029, the probabilities by up to 3.4 % relative and the KL value by 0.03 %
+  relative. CE and both L1 terms are unaffected.
 - As IVLP: depth beyond a tower's blocks means every block; text cut after the longest EOT.
 """
 

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+from pathlib import Path
 
 import numpy as np
 import pluggy
@@ -265,3 +266,96 @@ def test_bad_checkpoint_interval_is_one_clear_line(tmp_path, tiny_checkpoint, da
                                         "--checkpoint-every", "0"))
     assert code == 2 and "--checkpoint-every" in err and "Traceback" not in err
     assert json.dumps(err).count("\\n") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# signals during a write, unreadable checkpoints, temporary files of killed writes
+
+def _tiny_training():
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    module(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    return module, optimizer
+
+
+def test_a_signal_during_a_checkpoint_write_never_reenters_the_write(monkeypatch, tmp_path):
+    """SIGUSR1 arrives in the middle of torch.save: the write finishes undisturbed (no second,
+    nested write of the same checkpoint), then the job stops with the checkpoint readable."""
+    from benchsuite.engine import checkpoint as checkpoint_module
+    from benchsuite.errors import Preempted
+
+    real_save, depth, deepest = torch.save, [0], [0]
+
+    def save_interrupted(obj, f, *args, **kwargs):
+        depth[0] += 1
+        deepest[0] = max(deepest[0], depth[0])
+        try:
+            if depth[0] == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)  # Python runs the handler right here, mid-write
+            return real_save(obj, f, *args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_interrupted)
+    module, optimizer = _tiny_training()
+    ckpt = EpochCheckpoint(tmp_path / "c.pt")
+    with ckpt.active((signal.SIGUSR1,)):
+        with pytest.raises(Preempted, match="checkpoint saved after epoch 1"):
+            ckpt.epoch_done(1, module, optimizer, seconds=1.0, images=4)
+    assert deepest[0] == 1, "the signal handler wrote the checkpoint inside the interrupted write"
+    monkeypatch.undo()
+    blob = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert blob["epoch"] == 1 and torch.equal(blob["module"]["weight"], module.weight.detach())
+    assert temp_files(tmp_path) == []
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file_and_names_it_for_the_orphan_sweep(monkeypatch, tmp_path):
+    """A write that fails (full disk) removes its temporary file; one of a killed writer carries host
+    and pid, which is what `benchsuite.tempfiles.sweep_orphans` needs to remove it later."""
+    from benchsuite.engine import checkpoint as checkpoint_module
+    from benchsuite.tempfiles import is_orphan
+
+    written = []
+
+    def full_disk(obj, f, *args, **kwargs):
+        written.append(Path(f))
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    module, optimizer = _tiny_training()
+    ckpt = EpochCheckpoint(tmp_path / "c.pt")
+    with pytest.raises(OSError):
+        ckpt.epoch_done(1, module, optimizer, seconds=1.0, images=4)
+    assert temp_files(tmp_path) == [] and not (tmp_path / "c.pt").exists()
+    (tmp,) = written
+    monkeypatch.setattr("benchsuite.tempfiles.pid_alive", lambda pid: False)  # as if its writer was killed
+    assert is_orphan(tmp)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other_module"])
+def test_an_unreadable_checkpoint_is_named_moved_aside_and_the_job_trains_from_scratch(
+        damage, monkeypatch, tmp_path, tiny_checkpoint, data_root, uninterrupted):
+    reference, reference_state = uninterrupted
+    results = tmp_path / "results"
+    args = run_args("cross_dataset", tiny_checkpoint, data_root, results, *COMMON)
+    _signalled_at(monkeypatch, 2, args, "coop")
+    (saved,) = (results / "_checkpoints").glob("*.pt")
+    if damage == "truncated":
+        saved.write_bytes(saved.read_bytes()[:200])
+    elif damage == "garbage":
+        saved.write_bytes(b"\0" * 64)
+    else:
+        blob = torch.load(saved, weights_only=True)
+        blob["module"] = {"ctx": torch.zeros(1, 2)}
+        torch.save(blob, saved)
+    code, out, err = run_quiet(args)
+    assert code == 0, out + err
+    assert f"epoch checkpoint {saved} cannot be read" in out + err and "Traceback" not in err
+    (aside,) = (results / "_checkpoints").glob("*.unreadable-*")
+    assert aside.name.startswith(saved.name)
+    (result,) = load_results(results).values()
+    assert result["timing"]["train_resumed"] == 0  # trained from scratch: the same as never interrupted
+    assert result["metrics"] == reference["metrics"]
+    assert torch.allclose(_trained_state(results)["ctx"], reference_state["ctx"], atol=1e-6, rtol=0)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from benchsuite.clip.prompts import context_from_words
+from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, SetupContext, TrainBatch
 from benchsuite.methods import get_method, job_manager
 from benchsuite.protocols import load_protocol
@@ -22,10 +24,11 @@ def recipe(protocol: str = "base2new", dataset: str = "caltech101", shots: int =
     return pm.hook.recipe(protocol=load_protocol(protocol), dataset=dataset, shots=shots)
 
 
-def setup_gopro(backbone, classnames=CLASSNAMES):
+def setup_gopro(backbone, classnames=CLASSNAMES, **overrides):
     method = GOPro()
     ctx = SetupContext(backbone=backbone, classnames=classnames, dataset="caltech101", template="a photo of a {}.",
-                       recipe=recipe(), protocol=load_protocol("base2new"), shots=16, seed=1, device=torch.device("cpu"))
+                       recipe={**recipe(), **overrides}, protocol=load_protocol("base2new"), shots=16, seed=1,
+                       device=torch.device("cpu"))
     return method, method.setup(ctx)
 
 
@@ -89,6 +92,41 @@ def test_recipe_is_the_official_config_for_every_protocol():
     for r in (recipe("base2new"), recipe("cross_dataset", "imagenet"), recipe("few_shot", "dtd", 2)):
         assert r == {"epochs": 50, "batch_size": 4, "lr": 0.002, "n_ctx": 4, "ctx_init": "a photo of a"}
     assert GOPro.min_batch_size == 2
+
+
+def test_default_context_is_the_four_init_words(tiny_backbone):
+    _, module = setup_gopro(tiny_backbone)
+    assert torch.equal(module.ctx.data, context_from_words(tiny_backbone, "a photo of a", 4))
+    assert (module.prompts.n_ctx, module.prompts.prefix_text) == (4, "a photo of a")
+
+
+def test_empty_ctx_init_is_the_official_random_init(tiny_backbone):
+    """GOPro@e284586 PromptLearner: an empty CTX_INIT gives N_CTX vectors N(0, 0.02^2) behind "X"s."""
+    torch.manual_seed(7)
+    _, module = setup_gopro(tiny_backbone, n_ctx=6, ctx_init="")
+    torch.manual_seed(7)
+    expected = torch.nn.init.normal_(torch.empty(6, tiny_backbone.text_width), std=0.02)
+    assert torch.equal(module.ctx.data, expected)
+    assert (module.prompts.n_ctx, module.prompts.prefix_text) == (6, "X X X X X X")
+    x = images(tiny_backbone, 2)
+    _, shift = module.encode_views(tiny_backbone, x)
+    assert module.text_features(shift).shape == (2, len(CLASSNAMES), tiny_backbone.embed_dim)
+
+
+@pytest.mark.parametrize("n_ctx", [6, 2])
+def test_n_ctx_other_than_the_init_words_is_one_clear_error(tiny_backbone, n_ctx):
+    """The official code learns one vector per init word (4) and ignores N_CTX: refused, not ignored."""
+    with pytest.raises(BenchsuiteError) as info:
+        setup_gopro(tiny_backbone, n_ctx=n_ctx)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"gopro: n_ctx={n_ctx} conflicts with ctx_init='a photo of a'")
+    assert "official GOPro code learns one context vector per word" in message and "gopro.n_ctx=4" in message
+
+
+def test_empty_ctx_init_needs_a_context_vector(tiny_backbone):
+    with pytest.raises(BenchsuiteError, match=r"^gopro: n_ctx=0 with an empty ctx_init"):
+        setup_gopro(tiny_backbone, n_ctx=0, ctx_init="")
 
 
 def test_simclr_matches_a_direct_nt_xent():

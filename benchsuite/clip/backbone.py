@@ -183,10 +183,27 @@ class Backbone:
     tokenizer: object
     image_spec: ImageSpec
     truncate_text: bool = True
+    #: how `load_backbone` was called (model name, pretrained tag or path, cache dir): `reload`
+    load_args: tuple[str, str, str | None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return _WEIGHT_DTYPES[self.precision]
+
+    def reload(self) -> None:
+        """Replace the model by a fresh load of the same weights (a job changed the shared one).
+
+        Checked against the recorded weights hash: weights that do not load back identically
+        (a checkpoint file changed on disk since) are a BackboneError, not a silent swap."""
+        if self.load_args is None:
+            raise BackboneError("the backbone cannot be reloaded: it was not built by load_backbone")
+        name, pretrained, cache_dir = self.load_args
+        fresh = load_backbone(name, pretrained, precision=self.precision, device=self.device, cache_dir=cache_dir)
+        if fresh.weights_sha256 != self.weights_sha256:
+            raise BackboneError(f"reloading backbone {name}/{pretrained} gave other weights (sha256 "
+                                f"{fresh.weights_sha256[:12]}, the run started with {self.weights_sha256[:12]}); "
+                                f"the checkpoint changed on disk during the run: start the run again")
+        self.model = fresh.model
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -319,4 +336,5 @@ def load_backbone(model_name: str, pretrained: str, *, precision: str = "fp32", 
     std = tuple(getattr(model.visual, "image_std", None) or CLIP_STD)
     return Backbone(model=model, model_name=model_name, pretrained=source, weights_sha256=digest,
                     precision=precision, device=device, tokenizer=tokenizer,
-                    image_spec=ImageSpec(size=size, mean=mean, std=std))
+                    image_spec=ImageSpec(size=size, mean=mean, std=std),
+                    load_args=(model_name, pretrained, cache_dir))

@@ -7,7 +7,14 @@ fixes the schedule position, every RNG the loop draws from, and each plugin's an
 module, such as PromptSRC's running aggregation sum or ProDA's prompt-order generator); it is kept
 in memory as a detached CPU copy and written every `every` epochs, atomically (temporary file +
 rename), to `<results>/_checkpoints/<job id>.pt`. A pre-emption signal (SIGTERM, or SIGUSR1,
-benchsuite's pre-emption warning) writes the last boundary at once. A restarted job restores it,
+benchsuite's pre-emption warning) only sets a flag: the loop acts on it between two steps, where it
+writes the last boundary and stops the job, so a signal that arrives while a checkpoint is being
+written never re-enters the write (it once did, on the same temporary file, and left an unreadable
+checkpoint behind). Every write goes to its own temporary file, named after host and process so an
+orphan of a killed writer is swept (`benchsuite.tempfiles`), and removed when the write fails. A
+checkpoint that cannot be read back (cut by a full disk, a kill outside benchsuite, another torch)
+is named, moved aside to `<job id>.pt.unreadable-<time>` and the job restarts from scratch with a
+warning, instead of failing every rerun. A restarted job restores it,
 hands every plugin its state back (`load_training_state`) and continues with the same RNG stream,
 so its result equals an uninterrupted run's (exactly, on CPU with in-process data loading). The
 runner deletes the file once the job's result is written.
@@ -20,14 +27,16 @@ import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pluggy
 import torch
 
 from ..errors import ContractError, Preempted
+from ..tempfiles import temp_path
 
 #: signals that save the last epoch boundary and stop the job (outside Slurm/submitit)
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -123,29 +132,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class EpochCheckpoint:
     """The resumable state of one training job (see the module docstring)."""
 
-    def __init__(self, path: Path | str, every: int = 1) -> None:
+    def __init__(self, path: Path | str, every: int = 1, *, warn: Callable[[str], None] | None = None) -> None:
         if every < 1:
             raise ValueError("checkpoint interval must be at least 1 epoch")
         self.path = Path(path)
         self.every = every
+        self.warn = warn or (lambda message: print(message, flush=True))
         self.resumed = 0  # how many times this job's training continued from a saved checkpoint
         self._snapshot: dict[str, Any] | None = None
+        self._signalled: int | None = None  # the pre-emption signal received, acted on between steps
+        self._writes = 0  # numbers each write's own temporary file
 
     # ---- the training loop's side ------------------------------------------------------------
     def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """Load the saved state into module and optimizer and the RNGs; None when there is none.
         Returns the snapshot (its `epoch` is the next epoch to run, plus `seconds`, `images`, `extra`
-        and `training_state`, for `load_training_states`)."""
+        and `training_state`, for `load_training_states`). An unreadable checkpoint is moved aside
+        (named in a warning) and None returned: the job trains from scratch."""
         if not self.path.exists():
             return None
-        blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        module.load_state_dict(blob["module"], strict=True)
-        optimizer.load_state_dict(blob["optimizer"])
-        set_rng_state(blob["rng"])
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            _check_layout(blob, module)
+        except Exception as exc:  # torch raises RuntimeError, EOFError, OSError(EINVAL)... on a cut file
+            self._move_aside(exc)
+            return None
+        pristine = copy_state(module.state_dict())
+        try:
+            module.load_state_dict(blob["module"], strict=True)
+            optimizer.load_state_dict(blob["optimizer"])
+            set_rng_state(blob["rng"])
+        except Exception as exc:  # a checkpoint of another recipe or torch: start afresh, unchanged
+            module.load_state_dict(pristine, strict=True)
+            self._move_aside(exc)
+            return None
         self.resumed = int(blob["resumed"]) + 1
         blob["resumed"] = self.resumed
         self._snapshot = blob
         return blob
+
+    def _move_aside(self, exc: BaseException) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+        try:
+            os.replace(self.path, aside)
+            where = f"moved aside to {aside}"
+        except OSError as move_error:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            where = f"removed (it could not be moved aside: {move_error.strerror})"
+        self.warn(f"benchsuite: WARNING: epoch checkpoint {self.path} cannot be read ({type(exc).__name__}: "
+                  f"{str(exc)[:200]}); {where}; the job trains again from scratch")
 
     def epoch_done(self, epoch: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                    seconds: float, images: int, extra: dict[str, Any] | None = None,
@@ -158,17 +195,39 @@ class EpochCheckpoint:
                           "extra": copy_state(extra or {}), "training_state": copy_state(training_state or {})}
         if epoch % self.every == 0:
             self.save()
+        self.stop_if_signalled()
+
+    def stop_if_signalled(self) -> None:
+        """Between two steps: if a pre-emption signal arrived, write the last boundary and stop the
+        job (Preempted). A host-side flag test: no device work, no sync."""
+        if self._signalled is None:
+            return
+        signum, self._signalled = self._signalled, None
+        saved = self.save()
+        epoch = self._snapshot["epoch"] if saved and self._snapshot else 0
+        raise Preempted(f"received {signal.Signals(signum).name}: "
+                        + (f"checkpoint saved after epoch {epoch} ({self.path})" if saved
+                           else "no epoch finished yet, nothing to save"))
 
     # ---- the executor's side -----------------------------------------------------------------
     def save(self) -> bool:
-        """Write the last epoch boundary atomically; False when no epoch has finished yet."""
+        """Write the last epoch boundary atomically; False when no epoch has finished yet.
+
+        Re-entrancy-safe: every call writes its own temporary file (a call from submitit's signal
+        handler may interrupt one in progress), removed if the write does not finish."""
         snapshot = self._snapshot
         if snapshot is None:
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save(snapshot, tmp)
-        os.replace(tmp, self.path)
+        self._writes += 1
+        tmp = temp_path(self.path, tag=f"ckpt{self._writes}")
+        try:
+            torch.save(snapshot, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         return True
 
     def remove(self) -> None:
@@ -178,7 +237,8 @@ class EpochCheckpoint:
     @contextlib.contextmanager
     def active(self, signals: tuple[int, ...] = PREEMPT_SIGNALS) -> Iterator["EpochCheckpoint"]:
         """Mark this job's checkpoint as the process's active one (what a submitit `checkpoint`
-        saves) and make each of `signals` save it and raise Preempted (in the main thread)."""
+        saves) and make each of `signals` stop the job at the next step boundary, after saving
+        the last epoch boundary (handlers installed in the main thread only)."""
         global _ACTIVE
         _ACTIVE = self
         previous: dict[int, Any] = {}
@@ -193,11 +253,18 @@ class EpochCheckpoint:
             _ACTIVE = None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        saved = self.save()
-        epoch = self._snapshot["epoch"] if saved and self._snapshot else 0
-        raise Preempted(f"received {signal.Signals(signum).name}: "
-                        + (f"checkpoint saved after epoch {epoch} ({self.path})" if saved
-                           else "no epoch finished yet, nothing to save"))
+        """Only record the signal: writing here could interrupt a write of the same checkpoint."""
+        self._signalled = signum
+
+
+def _check_layout(blob: Any, module: torch.nn.Module) -> None:
+    """Refuse a checkpoint that does not hold this module's state (before anything is loaded)."""
+    if not isinstance(blob, dict) or not {"module", "optimizer", "rng", "epoch", "resumed"} <= set(blob):
+        raise ValueError("not an epoch checkpoint of benchsuite (keys missing)")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in blob["module"].items()}
+    if saved != expected:
+        raise ValueError("it holds the state of another module (parameter names or shapes differ)")
 
 
 def save_active() -> bool:

@@ -16,9 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import ContractError
+from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import EvalBatch
 from ..report.calibration import CalibrationAccumulator
+
+
+class NonFiniteLogits(BenchsuiteError):
+    """A method predicted NaN/Inf logits: argmax over them is arbitrary, so the job fails, unscored."""
 
 
 @dataclass
@@ -62,9 +66,10 @@ def compute_features(backbone, loader, *, progress: str = "") -> tuple[torch.Ten
 @torch.no_grad()
 def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: Iterable[EvalBatch],
              classnames: list[str], dataset: str, template: str, backbone, *, progress: str = "",
-             prepare_per_batch: bool = False) -> EvalResult:
+             prepare_per_batch: bool = False, evaluation: str = "") -> EvalResult:
     """Accuracy over `batches`. The classifier is prepared once; `prepare_per_batch` rebuilds it
-    before every batch, the straightforward twin of that fast path (`--no-class-text-once`)."""
+    before every batch, the straightforward twin of that fast path (`--no-class-text-once`).
+    Non-finite logits fail the evaluation (NonFiniteLogits, naming `evaluation`, the metric key)."""
     device = backbone.device
     module.eval()
     if device.type == "cuda":
@@ -73,6 +78,7 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
     with backbone.autocast():
         pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     calibration = CalibrationAccumulator(len(classnames), device)
     total = 0
     for batch in tqdm(batches, desc=progress or f"eval {dataset}", unit="batch", leave=False, disable=None):
@@ -89,9 +95,15 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
             raise ContractError(f"method {method!r}, hook predict: logits are {logits.dtype}, must be torch.float32; "
                                 f"compute them inside `with backbone.fp32():`")
         correct += (logits.argmax(dim=-1) == batch.labels).sum()
+        finite &= torch.isfinite(logits).all()
         calibration.update(logits, batch.labels)
         total += n
-    n_correct = int(correct)
+    n_correct, all_finite = torch.stack([correct, finite.long()]).tolist()  # one host sync for both
+    if not all_finite:
+        raise NonFiniteLogits(f"method {method!r}, hook predict: non-finite logits (NaN or Inf) on evaluation set "
+                              f"{evaluation or dataset!r} (dataset {dataset!r}); such predictions cannot be scored, "
+                              f"so the job fails and writes no result. Check the method's predict (a division by a "
+                              f"zero norm, an fp16 overflow)")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

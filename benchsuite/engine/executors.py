@@ -18,15 +18,21 @@ CUDA_VISIBLE_DEVICES before torch is first imported, and submitit is needed only
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import BenchsuiteError
+from ..suggest import unknown
 from .jobs import Job
 
 #: builds a Runner in the calling process; picklable (sent to pool workers and Slurm tasks)
@@ -262,6 +268,69 @@ def parse_extra(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+#: sbatch options that send the array to another cluster, whose partitions this cluster's sinfo does not list
+_OTHER_CLUSTER = ("clusters", "cluster", "M")
+#: the sbatch options a refused submission may be about
+_SBATCH_OPTIONS = "--partition, --time, --gpus-per-job, --cpus-per-job, --mem and --slurm-extra"
+
+
+def slurm_partitions(timeout: float = 10.0) -> list[str] | None:
+    """The cluster's partitions, hidden ones too (`sinfo -a -h -o %P`, the default's '*' dropped);
+    None when sinfo is absent or does not answer: then sbatch has the last word."""
+    sinfo = shutil.which("sinfo")
+    if sinfo is None:
+        return None
+    try:
+        out = subprocess.run([sinfo, "-a", "-h", "-o", "%P"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = {line.strip().rstrip("*") for line in out.stdout.splitlines() if line.strip()}
+    return sorted(names) if out.returncode == 0 and names else None
+
+
+def check_partition(options: SlurmOptions) -> None:
+    """Refuse a partition the cluster does not have before any cost: sbatch would refuse it only
+    after the preflight, and submitit would surface that as a traceback."""
+    if not options.partition or any(key in (options.extra or {}) for key in _OTHER_CLUSTER):
+        return
+    known = slurm_partitions()
+    if known is None:
+        return
+    for name in (part.strip() for part in options.partition.split(",")):
+        if name not in known:
+            raise BenchsuiteError(f"--partition: {unknown('Slurm partition', name, known)}; `sinfo -s` lists "
+                                  f"the partitions and their state")
+
+
+def submission_refused(stderr: str, options: SlurmOptions) -> BenchsuiteError:
+    """sbatch's refusal as one line: its own error text, the option it is about, how to look it up."""
+    reason = "; ".join(line.strip() for line in stderr.splitlines() if line.strip()) or "no error text"
+    if options.partition and "partition" in reason.lower():
+        return BenchsuiteError(f"--partition {options.partition}: sbatch refused the job array: {reason}; "
+                               f"`sinfo -s` lists the partitions you can submit to")
+    return BenchsuiteError(f"sbatch refused the job array: {reason}; check {_SBATCH_OPTIONS} "
+                           f"(`sinfo -s` lists the partitions)")
+
+
+def _map_array(executor: Any, task: SlurmTask, jobs: list[Job], options: SlurmOptions) -> list[Any]:
+    """executor.map_array, with a refused submission raised as one clear line. submitit echoes
+    sbatch's stderr itself before raising: it is held back here and shown once, in that line (or
+    passed on unchanged when the submission succeeds)."""
+    from submitit.core.utils import FailedJobError
+
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            submitted = executor.map_array(task, jobs)
+    except FailedJobError as exc:
+        raise submission_refused(str(exc) or held.getvalue(), options) from None
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    sys.stderr.write(held.getvalue())
+    return submitted
+
+
 def submit_slurm(factory: RunnerFactory, jobs: list[Job], options: SlurmOptions, folder: Path) -> list[Any]:
     """Submit `jobs` as one Slurm job array; returns the submitit jobs (their ids share the array id)."""
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL  # read by submitit at import, in the jobs too
@@ -287,8 +356,7 @@ def submit_slurm(factory: RunnerFactory, jobs: list[Job], options: SlurmOptions,
     if options.extra:
         params["additional_parameters"] = dict(options.extra)
     executor.update_parameters(**params)
-    task = SlurmTask(factory)
-    return executor.map_array(task, jobs)
+    return _map_array(executor, SlurmTask(factory), jobs, options)
 
 
 def wait_slurm(submitted: list[Any], echo=print) -> tuple[int, list[str]]:

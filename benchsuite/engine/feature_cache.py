@@ -12,7 +12,9 @@ Integrity rules (a cache must never give a wrong number, nor delete what it did 
   and the caller's expected labels, and treats any mismatch as a miss (counted in `stats`, warned
   about, the entry removed so the next write replaces it);
 - an entry whose description cannot be read is skipped, never fatal;
-- a failed write (read-only or full disk) warns and the job goes on without caching;
+- a failed write (read-only or full disk) warns and the job goes on without caching; its temporary
+  folder is removed, and one left by a killed writer (its name records host and pid) is removed by
+  the next write or `clear` once that writer is gone;
 - the cache writes a marker file at its root and a format tag into each entry; `clear` and eviction
   only touch folders named by a key that carry that tag, under a root that carries the marker.
 """
@@ -36,11 +38,14 @@ import torch
 from filelock import FileLock
 
 from ..paths import cache_root
+from ..tempfiles import is_orphan, temp_path
 
 DEFAULT_MAX_BYTES = 4 * 1024**3
 MARKER = ".benchsuite-feature-cache"
 ENTRY_FORMAT = "benchsuite-feature-cache-entry/2"
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+#: temporary entry folders: `.<key>.<host>.<pid>.w.tmp` (and `.<key>.tmp<pid>` of older versions)
+_TEMP = re.compile(r"^\.[0-9a-f]{64}\..*tmp")
 _ARRAYS = ("features", "labels")
 
 
@@ -186,7 +191,8 @@ class FeatureCache:
                 except _Corrupt:
                     if not self._remove(final):
                         raise OSError(f"{final} exists and was not written by the feature cache")
-            tmp = self.root / f".{key}.tmp{os.getpid()}"
+            self.sweep_temporaries()
+            tmp = temp_path(final)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
@@ -200,6 +206,18 @@ class FeatureCache:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- listing and deleting --------------------------------------------------------------------
+    def sweep_temporaries(self) -> list[Path]:
+        """Remove the temporary entry folders of writers that are gone: a killed writer runs no
+        cleanup, and nothing else would ever delete them. Live writers' and other hosts' stay."""
+        if not (self.root.is_dir() and self.is_cache_root()):
+            return []
+        removed = []
+        for path in sorted(self.root.iterdir()):
+            if _TEMP.match(path.name) and path.is_dir() and is_orphan(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
     def _owned(self, folder: Path) -> bool:
         """Only folders named by a key and tagged by this cache, under a marked root, are ours."""
         if not (_KEY.match(folder.name) and folder.is_dir() and self.is_cache_root()):
@@ -256,6 +274,7 @@ class FeatureCache:
             total -= entry.bytes
 
     def clear(self) -> int:
+        self.sweep_temporaries()
         entries = self.entries()
         for entry in entries:
             shutil.rmtree(entry.path, ignore_errors=True)

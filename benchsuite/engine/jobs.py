@@ -45,13 +45,16 @@ class Job:
         return f"{self.protocol.id}/{self.method}/{self.dataset}/{self.shots}shot/seed{self.seed}"
 
 
-def job_id(job: Job, config_hash: str, backbone: dict[str, Any], data: str) -> str:
+def job_id(job: Job, config_hash: str, backbone: dict[str, Any], data: str, *, plugin: tuple[str, str]) -> str:
     """Identity of a job's result: everything that must match for a result to be reused, including
-    `data`, a digest of the split lists of every dataset the job reads (changed data, new job)."""
+    `data`, a digest of the split lists of every dataset the job reads (changed data, new job), and
+    `plugin`, the (distribution, version) providing the method: after a plugin upgrade its jobs
+    run again instead of silently reusing results of the old code."""
     key = {
         "protocol": job.protocol.ref(), "method": job.method, "config_hash": config_hash,
         "dataset": job.dataset, "shots": job.shots, "seed": job.seed, "data": data,
         "backbone": {k: backbone[k] for k in ("model", "pretrained", "weights_sha256", "precision")},
+        "plugin": {"distribution": plugin[0], "version": plugin[1]},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

@@ -25,12 +25,13 @@ import torch
 
 from .. import __version__
 from ..clip.backbone import Backbone
+from ..clip.integrity import backbone_print, changes
 from ..data import loaders
 from ..data.datum import DatasetSplits, fingerprint
 from ..data.fewshot import FewShotSplit, ManifestStore, sample_fewshot, subsample_classes
 from ..data.registry import get_dataset, load_dataset
 from ..data.transforms import describe, test_transform, train_transform
-from ..errors import BenchsuiteError, ContractError
+from ..errors import BenchsuiteError, ContractError, WriteError
 from ..hookspecs import TRAINING_HOOKS, SetupContext, hookimpl
 from ..methods import MethodEntry, get_method, implements, job_manager
 from ..results.store import ResultStore, atomic_write_text
@@ -43,6 +44,10 @@ from .seeding import seed_everything
 from .checkpoint import PREEMPT_SIGNALS, EpochCheckpoint
 from .smoke import smoke_check
 from .train import NonFiniteLoss, make_grad_scaler, train
+
+class BackboneModified(ContractError):
+    """A job changed the backbone all jobs share: its result is refused (the backbone is reloaded)."""
+
 
 #: Model selections a recipe may ask for; anything but the protocol's needs --allow-model-selection.
 MODEL_SELECTIONS = ("last_epoch", "best_test_epoch")
@@ -163,6 +168,7 @@ class Runner:
         self._signatures: dict[tuple[str, str], str] = {}  # (first file, fingerprint) -> files_signature
         self._data_prints: dict[str, str] = {}  # dataset name -> fingerprints of its split lists
         self._env = environment()
+        self._pristine = backbone_print(backbone.model)  # what no job may change (clip.integrity)
 
     # ---- data -------------------------------------------------------------------------------
     def splits(self, name: str) -> DatasetSplits:
@@ -228,10 +234,13 @@ class Runner:
             prefix = f"[{index}/{len(jobs)}] {job.label()}"
             try:
                 path = self.run_job(job, prefix=prefix)
-            except NonFiniteLoss as exc:
-                summary.failed.append(f"{job.label()}: {exc}")
-                self.echo(f"{prefix}: FAILED: {exc}")
+            except NonFiniteLoss as exc:  # the method diverged: no traceback to show, but a log like any failure
+                log = self._log_failure(job, f"{exc}\n")
+                summary.failed.append(f"{job.label()}: {exc} [log: {log}]")
+                self.echo(f"{prefix}: FAILED: {exc} (log: {log})")
                 continue
+            except WriteError:  # a full or read-only disk: every later job would train and fail to save
+                raise
             except Exception as exc:  # one job's failure is not the grid's (KeyboardInterrupt still stops)
                 if self.fail_fast:
                     raise
@@ -281,6 +290,15 @@ class Runner:
                     f"leaderboard refuses them")
         return entry, pm, method, recipe, overrides, epoch_scale
 
+    def is_done(self, job: Job) -> bool:
+        """Whether a valid result of this exact job (its job id: recipe, backbone, data) exists, so
+        that running it would reuse it and write nothing. The job id is computed as in `run_job`."""
+        entry, _, _, recipe, _, _ = self._plan(job)
+        jid = job_id(job, config_hash(job.method, recipe), self.backbone_record(), self.data_identity(job),
+                     plugin=(entry.source, entry.version))
+        path = self.store.path_for(job.protocol.id, job.method, job.dataset, jid)
+        return self.store.existing(path, jid) is not None
+
     def run_job(self, job: Job, *, prefix: str = "") -> Path | None:
         entry, pm, method, recipe, overrides, epoch_scale = self._plan(job)
         missing = [hook for hook in TRAINING_HOOKS if not implements(pm, method, hook)]
@@ -289,19 +307,25 @@ class Runner:
                                 f"epochs but the method does not implement the hook {missing[0]!r}")
         chash = config_hash(job.method, recipe)
         backbone = self.backbone_record()
-        jid = job_id(job, chash, backbone, self.data_identity(job))
+        jid = job_id(job, chash, backbone, self.data_identity(job), plugin=(entry.source, entry.version))
         path = self.store.path_for(job.protocol.id, job.method, job.dataset, jid)
         if self.store.existing(path, jid) is not None:
             self.echo(f"{prefix}: result exists, reused ({path})")
             return None
         with self.store.claim(jid, {"label": job.label(), "protocol": job.protocol.id, "method": job.method,
-                                    "dataset": job.dataset, "shots": job.shots, "seed": job.seed}) as held:
+                                    "dataset": job.dataset, "shots": job.shots, "seed": job.seed,
+                                    "config_hash": chash}) as held:
             if not held:
                 self.echo(f"{prefix}: another process is running this job, skipped")
                 return None
             if self.store.existing(path, jid) is not None:
                 return None
-            result = self._execute(job, entry, pm, recipe, chash, jid, backbone, prefix, epoch_scale)
+            try:
+                result = self._execute(job, entry, pm, recipe, chash, jid, backbone, prefix, epoch_scale)
+            except BaseException:
+                self._isolate_backbone(job, failing=True)
+                raise
+            self._isolate_backbone(job)
             result["method"].update(default_recipe=not overrides, overrides=overrides)
             written = self.store.write(result)
             self.checkpoint(jid).remove()
@@ -347,7 +371,8 @@ class Runner:
             "schema_version": 2,
             "job": {"id": jid, "protocol": job.protocol.ref(), "method": job.method, "dataset": job.dataset,
                     "shots": job.shots, "seed": job.seed},
-            "method": {"name": job.method, "source": entry.source, "recipe": recipe, "config_hash": chash,
+            "method": {"name": job.method, "source": entry.source, "version": entry.version, "recipe": recipe,
+                       "config_hash": chash,
                        "default_recipe": True, "overrides": {},
                        "trainable_params": trainable,
                        "extra_knowledge": list(entry.cls.extra_knowledge), "transductive": entry.cls.transductive},
@@ -398,6 +423,7 @@ class Runner:
             with ckpt.active(self.preempt_signals):
                 stats = train(pm, job.method, module, loader, recipe, b, recipe["image_input"],
                               progress=f"{prefix} train", scaler=make_grad_scaler(b), checkpoint=ckpt)
+            self._isolate_backbone(job)  # a training on a changed backbone is never shared
             self._save_shared(share_key, module, jid, stats)
         return TrainRecord(stats.seconds, stats.images, stats.cpu_seconds, stats.losses,
                            skipped_steps=stats.skipped_steps, resumed=ckpt.resumed)
@@ -415,7 +441,7 @@ class Runner:
             cache_states.append(state)
             res = evaluate(pm, job.method, module, batches(), classnames, ev.dataset, get_dataset(ev.dataset).template,
                            self.backbone, progress=f"{prefix} eval {ev.key}",
-                           prepare_per_batch=not self.class_text_once)
+                           prepare_per_batch=not self.class_text_once, evaluation=ev.key)
             out.metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
                                    **res.calibration}
             out.evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
@@ -459,7 +485,10 @@ class Runner:
         def features():
             if not held:
                 feats, labels = compute_features(b, loader, progress=progress)
-                if key is not None:
+                if key is not None and self._backbone_changes():
+                    self.echo(f"benchsuite: not caching features of {progress}: the backbone differs from the "
+                              f"weights they would be filed under")
+                elif key is not None:
                     self.feature_cache.put(key, feats, labels, {"model": b.model_name, "pretrained": b.pretrained,
                                                                 "precision": b.precision, "fingerprint": fp,
                                                                 "n_images": int(labels.shape[0])})
@@ -476,9 +505,33 @@ class Runner:
         return lambda: evaluate(pm, job.method, module, batches(), classnames, ev.dataset, template,
                                 self.backbone).accuracy
 
+    # ---- backbone isolation ----------------------------------------------------------------------
+    def _backbone_changes(self) -> list[str]:
+        """What differs of the shared backbone from its state when the run started (empty: nothing)."""
+        return changes(self._pristine, backbone_print(self.backbone.model))
+
+    def _isolate_backbone(self, job: Job, *, failing: bool = False) -> None:
+        """After (part of) a job: if it changed the frozen backbone, reload the pristine weights for
+        the jobs after it and refuse its result (BackboneModified); `failing`: the job is failing
+        already, so only reload and say so."""
+        found = self._backbone_changes()
+        if not found:
+            return
+        self.backbone.reload()
+        self._pristine = backbone_print(self.backbone.model)
+        what = "; ".join(found)
+        if failing:
+            self.echo(f"benchsuite: method {job.method!r} changed the frozen backbone before failing ({what}); "
+                      f"reloaded its weights for the next jobs")
+            return
+        raise BackboneModified(
+            f"method {job.method!r} changed the frozen backbone, which every job shares ({what}); its result "
+            f"is refused and the backbone reloaded for the next jobs. A method must not modify ctx.backbone: "
+            f"train a copy of what it tunes inside the module setup returns")
+
     def checkpoint(self, jid: str) -> EpochCheckpoint:
         """The job-private epoch checkpoint of job `jid` (benchsuite.engine.checkpoint)."""
-        return EpochCheckpoint(self.checkpoints_root / f"{jid}.pt", every=self.checkpoint_every)
+        return EpochCheckpoint(self.checkpoints_root / f"{jid}.pt", every=self.checkpoint_every, warn=self.echo)
 
     # ---- trainings shared between protocols -----------------------------------------------------
     def _shared_lock(self, key: str | None):
@@ -519,6 +572,11 @@ class Runner:
         path = self._shared_path(key)
         tmp = temp_path(path)
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        torch.save({"state": state, "job_id": jid, "train_seconds": stats.seconds, "train_images": stats.images,
-                    "train_cpu_seconds": stats.cpu_seconds, "losses": stats.losses}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"state": state, "job_id": jid, "train_seconds": stats.seconds, "train_images": stats.images,
+                        "train_cpu_seconds": stats.cpu_seconds, "losses": stats.losses}, tmp)
+            os.replace(tmp, path)
+        except BaseException:  # a failed or interrupted write leaves no temporary file behind
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise

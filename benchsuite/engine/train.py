@@ -173,6 +173,8 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
             for key, value in outputs.items():
                 parts.setdefault(key, []).append(value.detach().float())
             n_images += images.shape[0]
+            if checkpoint is not None:
+                checkpoint.stop_if_signalled()  # a pre-emption signal is acted on here, between steps
         means, epoch_skipped = _epoch_means(parts, skipped)  # one host sync per epoch
         n_skipped += epoch_skipped
         for key, value in means.items():

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import writing
 from ..protocols import Protocol, load_protocol
+from ..results.store import atomic_write_text
 from .markdown import cost_values
 from .model import Row
 from .reference import Reference
@@ -300,9 +302,10 @@ def write_folder(folder: Path, plots: Sequence[Plot]) -> None:
         text = json.dumps(pl.data(), indent=1, sort_keys=True) + "\n"
         if png.is_file() and data_path.is_file() and data_path.read_text(encoding="utf-8") == text:
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        render(pl, png)
-        data_path.write_text(text, encoding="utf-8")
+        with writing(png):  # a full disk names the plot, not matplotlib's internals
+            folder.mkdir(parents=True, exist_ok=True)
+            render(pl, png)
+        atomic_write_text(data_path, text)
 
 
 def check_folder(folder: Path, plots: Sequence[Plot], tolerance: float) -> list[str]:

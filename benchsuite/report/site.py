@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..protocols import Protocol, load_protocol
+from ..results.store import atomic_write_text
 from .markdown import FLAG, UNCONFIRMED, declaration_suffix, primary_reference
 from .model import Row, build_rows
 from .plots import Plot
@@ -162,9 +163,8 @@ def render_page(results: Sequence[dict[str, Any]], refs: Sequence[Reference], pl
 def write_site(folder: Path, results: Sequence[dict[str, Any]], refs: Sequence[Reference], plots: Sequence[Plot],
                plot_folder: Path | None) -> Path:
     """Write `folder/index.html`; returns its path."""
-    folder.mkdir(parents=True, exist_ok=True)
     out = folder / "index.html"
-    out.write_text(render_page(results, refs, plots, plot_folder), encoding="utf-8")
+    atomic_write_text(out, render_page(results, refs, plots, plot_folder))  # creates the folder
     return out
 
 

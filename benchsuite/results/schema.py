@@ -7,6 +7,7 @@ reading the schema; they are sorted by path so output is stable across runs.
 from __future__ import annotations
 
 import json
+import math
 import re
 from functools import lru_cache
 from importlib import resources
@@ -54,11 +55,27 @@ def _message(error: ValidationError) -> str:
     return f"{json_path(error.absolute_path)}: {text}"
 
 
+def non_finite(data: Any) -> list[str]:
+    """`<json path>: ...` for every NaN or infinite number in `data` (iteratively: no recursion
+    limit). JSON has no such numbers, and a NaN accuracy would be ranked, not refused."""
+    found, stack = [], [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{json_path(path)}: {value} is not a finite number (strict JSON has no NaN or Infinity)")
+        elif isinstance(value, dict):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+    return sorted(found)
+
+
 def validate_schema(result: Any) -> list[str]:
-    """All schema violations of `result` as `<json path>: <problem>` messages, sorted by path."""
+    """All schema violations of `result` as `<json path>: <problem>` messages, sorted by path,
+    then every non-finite number."""
     errors = list(_validator().iter_errors(result))
     errors.sort(key=lambda e: ([str(p) for p in e.absolute_path], e.message))
-    return [_message(e) for e in errors]
+    return [_message(e) for e in errors] + non_finite(result)
 
 
-__all__ = ["SCHEMA_FILE", "json_path", "load_schema", "validate_schema"]
+__all__ = ["SCHEMA_FILE", "json_path", "load_schema", "non_finite", "validate_schema"]

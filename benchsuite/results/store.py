@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import filelock
 
-from ..errors import ResultError
+from ..errors import ResultError, writing
 from ..tempfiles import temp_prefix
 from .schema import validate_schema
 
@@ -44,12 +44,24 @@ def _warn(path: Path, message: str) -> None:
 
 
 def dump_json(data: Any) -> str:
-    """The canonical on-disk form: stable key order, so re-writes of equal results are equal."""
-    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    """The canonical on-disk form: stable key order, so re-writes of equal results are equal; strict
+    JSON (NaN and Infinity are not JSON: a ValueError names the problem instead of a file other
+    tools cannot read)."""
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def atomic_write_text(target: Path, text: str) -> None:
-    """Write `text` to `target` via temp file + fsync + os.replace; no partial file ever exists."""
+    """Write `text` to `target` via temp file + fsync + os.replace; no partial file ever exists.
+
+    A refusal of the file system (full disk, quota, read-only, permissions) is raised as a
+    WriteError naming `target`, after the temporary file is removed."""
+    with writing(target):
+        _write_replace(target, text)
+    _fsync_dir(target.parent)
+
+
+def _write_replace(target: Path, text: str) -> None:
+    """The write itself; any exception (a kill too) removes the temporary file first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
     tmp = Path(tmp_name)
@@ -63,7 +75,6 @@ def atomic_write_text(target: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(target.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -90,6 +101,14 @@ def _depth(data: Any) -> int:
     return deepest
 
 
+class _NonFinite(ValueError):
+    """NaN, Infinity or -Infinity in a file: Python's json accepts them, strict JSON does not."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
 def read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(data, None) for a file holding a JSON object, else (None, why it cannot be used).
 
@@ -104,7 +123,9 @@ def read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     except (OSError, UnicodeDecodeError) as exc:
         return None, f"cannot be read: {exc}"
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except _NonFinite as exc:
+        return None, f"holds {exc.args[0]}, which is not JSON (strict JSON has no NaN or Infinity)"
     except json.JSONDecodeError as exc:
         return None, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})"
     except RecursionError:
@@ -183,9 +204,9 @@ class ResultStore:
             yield False
             return
         info_path = self.claim_info_path(job_id)
-        if info is not None:
-            atomic_write_text(info_path, dump_json({**info, "host": socket.gethostname(), "pid": os.getpid()}))
-        try:
+        try:  # a claim file that cannot be written (a full disk) must not keep the lock held
+            if info is not None:
+                atomic_write_text(info_path, dump_json({**info, "host": socket.gethostname(), "pid": os.getpid()}))
             yield True
         finally:
             if info is not None:
