@@ -136,6 +136,18 @@ class Method:
     transductive:
         True when the method sees test images (labelled or not) before predicting, beyond one
         image at a time; recorded and shown like ``extra_knowledge``.
+    fit_views:
+        Number of augmented views of every training image whose frozen features
+        :func:`MethodSpec.fit_features` receives (Tip-Adapter's ``augment_epoch``: 10).
+    setting:
+        The evaluation setting the method's numbers belong to (contract v3), one of
+        :data:`SETTINGS`: ``"inductive"`` (default: the labelled few-shot images and the backbone
+        only), ``"transductive"`` (sees unlabelled test-class images; ``transductive = True``
+        implies it), ``"teacher-distilled"`` (learns from a teacher trained beyond the protocol's
+        data or on a larger backbone, PromptKD), ``"external-text"`` (LLM-written class
+        descriptions or other text assets, CoPrompt). Recorded in every result as
+        ``method.setting`` and shown on the leaderboard, where rows of different settings are
+        marked, never ranked together silently.
     """
 
     name: str = ""
@@ -145,6 +157,54 @@ class Method:
     min_batch_size: int = 1
     extra_knowledge: tuple[str, ...] = ()
     transductive: bool = False
+    setting: str = "inductive"
+    fit_views: int = 1
+
+
+#: Values of ``Method.setting``.
+SETTINGS = ("inductive", "transductive", "teacher-distilled", "external-text")
+
+
+def method_setting(cls: type) -> str:
+    """The setting a method's results are recorded under: its declared one, or ``transductive``
+    for a method that declares only ``transductive = True``."""
+    declared = getattr(cls, "setting", "inductive")
+    return "transductive" if declared == "inductive" and getattr(cls, "transductive", False) else declared
+
+
+#: Values of ``LabelSpace.kind``.
+LABEL_SPACES = ("base", "new", "all", "mixed")
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """How an evaluation class set relates to the job's training classes (contract v3), given to
+    :func:`MethodSpec.prepare_eval`, so that methods whose inference differs on seen and unseen
+    classes (DePT, MMRL, 2SFS) switch on the harness's knowledge instead of dataset names.
+
+    ``seen[i]``: class ``i`` of the evaluated set has the name of a training class (names cleaned,
+    ``_`` -> space, compared case-insensitively; for domain generalization the ImageNet variants
+    share ImageNet's names, so their classes are seen). ``kind``: ``"base"`` (only training
+    classes: all of them, or a subset), ``"new"`` (none of them), ``"all"`` (every training class
+    plus others) or ``"mixed"`` (some training classes plus others). ``same_dataset``: the evaluated set comes from the training dataset.
+    """
+
+    kind: str
+    seen: tuple[bool, ...]
+    same_dataset: bool
+    train_dataset: str
+
+    @classmethod
+    def of(cls, train_dataset: str, train_classnames: list[str], dataset: str,
+           classnames: list[str]) -> "LabelSpace":
+        def clean(name: str) -> str:
+            return name.replace("_", " ").strip().lower()
+
+        trained = {clean(n) for n in train_classnames}
+        seen = tuple(clean(n) in trained for n in classnames)
+        covered = trained <= {clean(n) for n in classnames}
+        kind = "base" if all(seen) else "new" if not any(seen) else "all" if covered else "mixed"
+        return cls(kind, seen, dataset == train_dataset, train_dataset)
 
 
 @dataclass
@@ -164,6 +224,15 @@ class SetupContext:
     #: for epoch-indexed settings the method computes itself (the keys in `epoch_settings` are
     #: already scaled in `recipe`)
     epoch_scale: float = 1.0
+
+    def private_backbone(self) -> "Backbone":
+        """A copy of the backbone that belongs to this job alone (contract v3), for methods that
+        train or replace parts of the encoders (LayerNorms, the visual projection, LoRA on the
+        attention): put it inside the module ``setup`` returns and unfreeze or wrap what the method
+        tunes there; the harness then optimises those parameters, counts them in the result's
+        ``trainable_params`` and saves them with the module. The shared ``backbone`` must never be
+        changed (the harness checks it after every job and refuses the result of one that did)."""
+        return self.backbone.private_copy()
 
 
 @dataclass
@@ -300,6 +369,33 @@ class MethodSpec:
         scaled gradients; anything that is not must divide by ``scaler.get_scale()`` (a host sync).
         """
 
+    @hookspec(firstresult=True)
+    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (contract v3; default: one group of every parameter of the
+        module with ``requires_grad``, at the recipe's ``lr`` and ``weight_decay``).
+
+        Each group is a dict with ``"params"`` (a list of parameters of ``module``) and optionally
+        ``"lr"`` (the group's base learning rate: the harness's schedule scales it by the same
+        factor as the recipe's ``lr``) and ``"weight_decay"``. Every trainable parameter must be in
+        exactly one group; the harness refuses duplicates, foreign parameters and omissions. The
+        optimizer itself comes from the recipe (``optimizer``: ``"sgd"`` (default), ``"adam"`` or
+        ``"adamw"``; ``eps``, ``betas`` for the Adam family; ``momentum`` for SGD); parameters
+        stay fp32 masters under amp.
+        """
+
+    @hookspec
+    def fit_features(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Build the method from frozen features of the few-shot training images (contract v3):
+        training-free methods (Tip-Adapter's cache model) and methods that initialise from them
+        (Tip-Adapter-F) implement it; the harness calls it after ``setup`` and before training.
+
+        ``features``: fp32 ``[views, n_images, D]``, raw (not normalised) features of the frozen,
+        unprompted image encoder, of the training images under ``views`` independent draws of the
+        protocol's train augmentation (``Method.fit_views``; drawn from the job's seeded stream, so
+        every run and resume sees the same views); ``labels``: ``[n_images]``. Called under
+        ``torch.no_grad()``; computed once per job, with one encoder pass per image and view.
+        """
+
     @hookspec
     def epoch_end(self, epoch: int, num_epochs: int) -> None:
         """Called after every training epoch (e.g. PromptSRC's Gaussian prompt aggregation)."""
@@ -335,11 +431,14 @@ class MethodSpec:
         """Called once after the last epoch, before evaluation (e.g. load aggregated weights)."""
 
     @hookspec(firstresult=True)
-    def prepare_eval(self, classnames: list[str], dataset: str, template: str) -> None:
+    def prepare_eval(self, classnames: list[str], dataset: str, template: str, label_space: LabelSpace) -> None:
         """Rebuild the classifier for an evaluation class set (base, new, another dataset).
 
         Methods whose text side does not depend on the image compute their class text features
         once here, not once per test batch. Called under ``torch.no_grad()`` and autocast.
+        ``label_space`` (contract v3; ask for it only if the inference depends on it) says whether
+        these classes are the training classes, disjoint from them or a superset, with a per-class
+        seen mask (:class:`LabelSpace`).
         """
 
     @hookspec(firstresult=True)

@@ -190,6 +190,14 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return _WEIGHT_DTYPES[self.precision]
 
+    def private_copy(self) -> "Backbone":
+        """The same backbone with its own deep copy of the model (frozen, same device and dtype):
+        what a method that trains backbone parts changes instead of the shared model."""
+        import copy
+        import dataclasses
+
+        return dataclasses.replace(self, model=copy.deepcopy(self.model))
+
     def reload(self) -> None:
         """Replace the model by a fresh load of the same weights (a job changed the shared one).
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import BenchsuiteError, ContractError
-from ..hookspecs import EvalBatch
+from ..hookspecs import EvalBatch, LabelSpace
 from ..report.calibration import CalibrationAccumulator
 
 
@@ -66,17 +66,21 @@ def compute_features(backbone, loader, *, progress: str = "") -> tuple[torch.Ten
 @torch.no_grad()
 def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: Iterable[EvalBatch],
              classnames: list[str], dataset: str, template: str, backbone, *, progress: str = "",
-             prepare_per_batch: bool = False, evaluation: str = "") -> EvalResult:
+             prepare_per_batch: bool = False, evaluation: str = "",
+             label_space: LabelSpace | None = None) -> EvalResult:
     """Accuracy over `batches`. The classifier is prepared once; `prepare_per_batch` rebuilds it
     before every batch, the straightforward twin of that fast path (`--no-class-text-once`).
-    Non-finite logits fail the evaluation (NonFiniteLogits, naming `evaluation`, the metric key)."""
+    Non-finite logits fail the evaluation (NonFiniteLogits, naming `evaluation`, the metric key).
+    `label_space`: how these classes relate to the training classes (default: they are them)."""
+    if label_space is None:
+        label_space = LabelSpace.of(dataset, classnames, dataset, classnames)
     device = backbone.device
     module.eval()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     with backbone.autocast():
-        pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template)
+        pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template, label_space=label_space)
     correct = torch.zeros((), dtype=torch.long, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     calibration = CalibrationAccumulator(len(classnames), device)
@@ -84,7 +88,7 @@ def evaluate(pm: pluggy.PluginManager, method: str, module: nn.Module, batches: 
     for batch in tqdm(batches, desc=progress or f"eval {dataset}", unit="batch", leave=False, disable=None):
         with backbone.autocast():
             if prepare_per_batch:
-                pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template)
+                pm.hook.prepare_eval(classnames=classnames, dataset=dataset, template=template, label_space=label_space)
             logits = pm.hook.predict(batch=batch)
         n = batch.labels.shape[0]
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n, len(classnames)):

@@ -183,6 +183,13 @@ def check_recipe(method: str, recipe: dict[str, Any], image_inputs: tuple[str, .
     if recipe["image_input"] not in image_inputs:
         raise BenchsuiteError(f"method {method!r}: image_input={recipe['image_input']!r} is not one of "
                               f"{', '.join(image_inputs)}")
+    optimizer = recipe.get("optimizer", "sgd")
+    if optimizer not in ("sgd", "adam", "adamw"):
+        raise BenchsuiteError(f"method {method!r}: optimizer={optimizer!r} is not one of sgd, adam, adamw "
+                              f"(--set {method}.optimizer=...)")
+    eps = recipe.get("eps", 1e-8)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise BenchsuiteError(f"method {method!r}: eps={eps!r} must be a positive number (--set {method}.eps=...)")
     if not isinstance(recipe["drop_last"], bool):
         raise BenchsuiteError(f"method {method!r}: drop_last must be true or false, got {recipe['drop_last']!r}")
 

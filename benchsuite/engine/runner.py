@@ -32,7 +32,7 @@ from ..data.fewshot import FewShotSplit, ManifestStore, sample_fewshot, subsampl
 from ..data.registry import get_dataset, load_dataset
 from ..data.transforms import describe, test_transform, train_transform
 from ..errors import BenchsuiteError, ContractError, WriteError
-from ..hookspecs import TRAINING_HOOKS, SetupContext, hookimpl
+from ..hookspecs import TRAINING_HOOKS, LabelSpace, SetupContext, hookimpl, method_setting
 from ..methods import MethodEntry, get_method, implements, job_manager
 from ..results.store import ResultStore, atomic_write_text
 from ..tempfiles import temp_path
@@ -136,6 +136,18 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
+
+
+def training_share_key(job: Job, recipe: dict[str, Any], train_fp: str, manifest_sha: str, weights_sha256: str,
+                       precision: str) -> str | None:
+    """The key a job's training is saved under in `_trained/` for other jobs to reuse, or None when it
+    is not shared: transfer tasks (cross_dataset, domain_generalization) train once on the source set
+    and every job of the same recipe, sample, backbone and seed reuses it (`benchsuite plan` counts
+    such trainings once)."""
+    if recipe["epochs"] <= 0 or job.protocol.task != "transfer":
+        return None
+    return config_hash(job.method, {"recipe": recipe, "train": train_fp, "manifest": manifest_sha,
+                                    "backbone": weights_sha256, "precision": precision, "seed": job.seed})
 
 
 class Runner:
@@ -346,11 +358,8 @@ class Runner:
                            template=get_dataset(job.dataset).template, recipe=recipe, protocol=job.protocol,
                            shots=job.shots, seed=job.seed, device=b.device, epoch_scale=epoch_scale)
         train_fp = fingerprint(train_split.train, train_split.root)
-        share_key = None
-        if recipe["epochs"] > 0 and job.protocol.task == "transfer":  # cross_dataset and domain_generalization
-            share_key = config_hash(job.method, {"recipe": recipe, "train": train_fp, "manifest": manifest_sha,
-                                                 "backbone": backbone_rec["weights_sha256"],
-                                                 "precision": b.precision, "seed": job.seed})
+        share_key = training_share_key(job, recipe, train_fp, manifest_sha, backbone_rec["weights_sha256"],
+                                       b.precision)
         if self.smoke and recipe["epochs"] > 0 and not (share_key and self._shared_path(share_key).exists()):
             _, items, classnames, _ = next(iter(self.eval_data(job, split)))
             first = next(iter(job.evals()))
@@ -361,6 +370,8 @@ class Runner:
         if not isinstance(module, torch.nn.Module):
             raise ContractError(f"method {job.method!r}, hook setup: must return an nn.Module, got {type(module).__name__}")
         module.to(b.device)
+        if implements(pm, pm.get_plugin(f"method:{entry.name}"), "fit_features"):
+            self._fit_features(pm, entry, train_split, prefix)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         trained = TrainRecord()
         if recipe["epochs"] > 0:
@@ -375,7 +386,8 @@ class Runner:
                        "config_hash": chash,
                        "default_recipe": True, "overrides": {},
                        "trainable_params": trainable,
-                       "extra_knowledge": list(entry.cls.extra_knowledge), "transductive": entry.cls.transductive},
+                       "extra_knowledge": list(entry.cls.extra_knowledge), "transductive": entry.cls.transductive,
+                       "setting": method_setting(entry.cls)},
             "backbone": backbone_rec,
             "data": {"train": {"dataset": job.dataset, "fingerprint": train_fp, "n_images": len(train_split.train),
                                "n_classes": len(train_split.classnames), "manifest_sha256": manifest_sha,
@@ -428,6 +440,21 @@ class Runner:
         return TrainRecord(stats.seconds, stats.images, stats.cpu_seconds, stats.losses,
                            skipped_steps=stats.skipped_steps, resumed=ckpt.resumed)
 
+    def _fit_features(self, pm, entry: MethodEntry, train_split: FewShotSplit, prefix: str) -> None:
+        """Hand a method the frozen features of its training images under `fit_views` augmented
+        views (hook fit_features): one encoder pass per image and view, in the job's seeded stream
+        (in-process loading, so the draws do not depend on the number of workers)."""
+        b = self.backbone
+        views = int(entry.cls.fit_views)
+        if views < 1:
+            raise ContractError(f"method {entry.name!r}: fit_views must be at least 1, got {views}")
+        loader = loaders.eval_loader(train_split.train, train_transform(b.image_spec), 256, workers=0,
+                                     pin_memory=False)
+        drawn = [compute_features(b, loader, progress=f"{prefix} fit features {v + 1}/{views}") for v in range(views)]
+        features = torch.stack([f for f, _ in drawn]).to(b.device)
+        with torch.no_grad(), b.autocast():
+            pm.hook.fit_features(features=features, labels=drawn[0][1].to(b.device))
+
     def _evaluate(self, job: Job, pm, module: torch.nn.Module, image_input: str, split: FewShotSplit,
                   prefix: str) -> "EvalRecord":
         """Evaluate the trained module on every evaluation set of the job."""
@@ -441,7 +468,8 @@ class Runner:
             cache_states.append(state)
             res = evaluate(pm, job.method, module, batches(), classnames, ev.dataset, get_dataset(ev.dataset).template,
                            self.backbone, progress=f"{prefix} eval {ev.key}",
-                           prepare_per_batch=not self.class_text_once, evaluation=ev.key)
+                           prepare_per_batch=not self.class_text_once, evaluation=ev.key,
+                           label_space=self._label_space(job, split, ev.dataset, classnames))
             out.metrics[ev.key] = {"accuracy": res.accuracy, "correct": res.correct, "total": res.total,
                                    **res.calibration}
             out.evals[ev.key] = {"dataset": ev.dataset, "fingerprint": fp, "n_images": len(items),
@@ -502,8 +530,13 @@ class Runner:
         batches, _ = self._eval_batches(image_input, items, fingerprint(items, root),
                                         int(job.protocol.spec["eval_batch_size"]), f"select on {ev.key}")
         template = get_dataset(ev.dataset).template
+        space = self._label_space(job, split, ev.dataset, classnames)
         return lambda: evaluate(pm, job.method, module, batches(), classnames, ev.dataset, template,
-                                self.backbone).accuracy
+                                self.backbone, label_space=space).accuracy
+
+    def _label_space(self, job: Job, split: FewShotSplit, dataset: str, classnames: list[str]) -> LabelSpace:
+        """How an evaluated class set relates to the job's training classes (hook prepare_eval)."""
+        return LabelSpace.of(job.dataset, subsample_classes(split, job.train_classes).classnames, dataset, classnames)
 
     # ---- backbone isolation ----------------------------------------------------------------------
     def _backbone_changes(self) -> list[str]:

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from ..data.loaders import ImageList
 from ..errors import ContractError
-from ..hookspecs import EvalBatch, SetupContext
-from ..methods import MethodEntry, job_manager
+from ..hookspecs import EvalBatch, LabelSpace, SetupContext
+from ..methods import MethodEntry, implements, job_manager
 from .checkpoint import copy_state, load_training_states, training_states
 from .evaluate import evaluate
 from .seeding import preserved_rng
@@ -37,7 +37,7 @@ def smoke_check(entry: MethodEntry, ctx: SetupContext, train_items, train_transf
     name, backbone = entry.name, ctx.backbone
     image_input = ctx.recipe["image_input"]
     with preserved_rng():
-        pm, _ = job_manager(entry)
+        pm, instance = job_manager(entry)
         try:
             module = pm.hook.setup(ctx=replace(ctx, recipe=dict(ctx.recipe)))
             if not isinstance(module, torch.nn.Module):
@@ -50,6 +50,10 @@ def smoke_check(entry: MethodEntry, ctx: SetupContext, train_items, train_transf
             views = list(pm.hook.train_views(image_spec=backbone.image_spec) or [])
             size = min(len(train_items), max(SMOKE_IMAGES, entry.cls.min_batch_size))
             images, labels, *extra = _first_batch(train_items, train_transform, views, size)
+            if implements(pm, instance, "fit_features"):
+                with torch.no_grad(), backbone.autocast():
+                    first = backbone.encode_image(images.to(backbone.device)).float()
+                    pm.hook.fit_features(features=first[None], labels=labels.to(backbone.device))
             module.train()
             train_step(pm, name, module, make_optimizer(params, ctx.recipe, fused=False), backbone, images, labels,
                        extra[0] if extra else [], image_input, 0, None)
@@ -64,6 +68,7 @@ def smoke_check(entry: MethodEntry, ctx: SetupContext, train_items, train_transf
                                       image_features=backbone.encode_image(test_images).float())
             else:
                 batch = EvalBatch(labels=test_labels.to(device), images=test_images.to(device))
-            evaluate(pm, name, module, [batch], classnames, dataset, template, backbone, progress="one-batch check")
+            evaluate(pm, name, module, [batch], classnames, dataset, template, backbone, progress="one-batch check",
+                     label_space=LabelSpace.of(ctx.dataset, ctx.classnames, dataset, classnames))
         except ContractError as exc:
             raise ContractError(f"{exc} (found by the one-batch check before training)") from exc

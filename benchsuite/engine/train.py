@@ -114,11 +114,72 @@ def train_step(pm: pluggy.PluginManager, method: str, module: nn.Module, optimiz
     return outputs
 
 
-def make_optimizer(params: list[torch.nn.Parameter], recipe: dict[str, Any], *, fused: bool = False) -> torch.optim.SGD:
-    """Dassl's SGD: momentum 0.9, weight decay 5e-4, no dampening, no Nesterov (recipe may change them).
-    `fused` when a GradScaler drives it (the fused kernel honours the scaler's inf flag on the device)."""
-    return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"],
-                           dampening=0, nesterov=False, **({"fused": True} if fused else {}))
+#: Values of the recipe key ``optimizer`` (contract v3); "sgd" when the recipe does not name one.
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(params: "list[torch.nn.Parameter] | list[dict[str, Any]]", recipe: dict[str, Any], *,
+                   fused: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer over `params` (a parameter list or parameter groups).
+
+    Default, Dassl's SGD: momentum 0.9, weight decay 5e-4, no dampening, no Nesterov (the recipe may
+    change them). ``optimizer="adam"``/``"adamw"``: torch's Adam/AdamW with the recipe's ``eps``
+    (default 1e-8; TCP and others need 1e-3) and ``betas`` (default [0.9, 0.999]). `fused` when a
+    GradScaler drives it (the fused kernels honour the scaler's inf flag on the device)."""
+    kind = recipe.get("optimizer", "sgd")
+    extra = {"fused": True} if fused else {}
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
+                               weight_decay=recipe["weight_decay"], dampening=0, nesterov=False, **extra)
+    adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    return adam(params, lr=recipe["lr"], betas=tuple(recipe.get("betas", (0.9, 0.999))),
+                eps=float(recipe.get("eps", 1e-8)), weight_decay=recipe["weight_decay"], **extra)
+
+
+def parameter_groups(pm: pluggy.PluginManager, method: str, module: nn.Module,
+                     recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """The method's parameter groups (hook ``param_groups``) or one group of every trainable
+    parameter; each with its base ``lr`` and ``weight_decay`` filled in, checked so that every
+    trainable parameter of the module is optimised exactly once."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = pm.hook.param_groups(module=module)
+    if groups is None:
+        groups = [{"params": trainable}]
+    where = f"method {method!r}, hook param_groups"
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise ContractError(f"{where}: must return a list of dicts, each with 'params'")
+    known = {id(p) for p in trainable}
+    seen: set[int] = set()
+    out = []
+    for index, group in enumerate(groups):
+        unknown = set(group) - {"params", "lr", "weight_decay"}
+        if unknown:
+            raise ContractError(f"{where}: group {index} has unknown keys {sorted(unknown)}; allowed: params, lr, "
+                                f"weight_decay")
+        params = list(group["params"])
+        for p in params:
+            if id(p) not in known:
+                raise ContractError(f"{where}: group {index} holds a parameter that is not a trainable parameter of "
+                                    f"the module setup returned")
+            if id(p) in seen:
+                raise ContractError(f"{where}: a parameter is in more than one group (group {index})")
+            seen.add(id(p))
+        out.append({"params": params, "lr": float(group.get("lr", recipe["lr"])),
+                    "weight_decay": float(group.get("weight_decay", recipe["weight_decay"]))})
+    if seen != known:
+        raise ContractError(f"{where}: {len(known - seen)} trainable parameter(s) of the module are in no group; "
+                            f"freeze them (requires_grad=False) or add them to a group")
+    for group in out:
+        group["base_lr"] = group["lr"]
+    return out
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float, recipe: dict[str, Any], in_warmup: bool) -> None:
+    """The epoch's learning rate in every group: the constant warm-up rate, or each group's base rate
+    scaled as the recipe's (one group at the recipe's lr gets exactly `lr`)."""
+    for group in optimizer.param_groups:
+        base = group.get("base_lr", recipe["lr"])
+        group["lr"] = lr if in_warmup or base == recipe["lr"] else base * lr / recipe["lr"]
 
 
 def _epoch_means(parts: dict[str, list[torch.Tensor]], skipped: list[torch.Tensor]) -> tuple[dict[str, float], int]:
@@ -142,7 +203,7 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
     if not params:
         raise ContractError(f"method {method!r}, hook setup: the recipe trains for {epochs} epochs but the "
                             f"returned module has no parameter with requires_grad")
-    optimizer = make_optimizer(params, recipe, fused=scaler is not None)
+    optimizer = make_optimizer(parameter_groups(pm, method, module, recipe), recipe, fused=scaler is not None)
     device = backbone.device
     n_images, n_skipped, first_epoch, prior_seconds, prior_cpu = 0, 0, 0, 0.0, 0.0
     history: dict[str, list[float]] = {}
@@ -162,8 +223,7 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
     for epoch in bar:
         lr = epoch_lr(epoch, epochs, recipe["lr"], warmup_epochs=recipe["warmup_epochs"],
                       warmup_lr=recipe["warmup_lr"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_group_lrs(optimizer, lr, recipe, in_warmup=epoch < recipe["warmup_epochs"])
         module.train()
         parts: dict[str, list[torch.Tensor]] = {"loss": []}
         skipped: list[torch.Tensor] = []
