@@ -101,15 +101,25 @@ def _file_cell(name: str) -> str:
 # ----------------------------------------------------------------------------- selection
 
 
+def _other_version(item: _Item) -> bool:
+    """The result records a plugin version other than the installed one of its method."""
+    from .methods import discover
+
+    recorded = item.result.get("method", {}).get("version")
+    entry = discover().get(item.job["method"])
+    return recorded is not None and entry is not None and recorded != entry.version
+
+
 def _keep_one(items: list[_Item], key: Callable[[_Item], Hashable], why: Callable[[_Item], str],
               refused: Refusals) -> list[_Item]:
-    """One result per `key`: the one with the smallest content hash (deterministic by content)."""
+    """One result per `key`: one of the installed plugin version if any (an upgrade supersedes the
+    results of the old code), then the one with the smallest content hash (deterministic by content)."""
     groups: dict[Hashable, list[_Item]] = defaultdict(list)
     for item in items:
         groups[key(item)].append(item)
     kept = []
     for group in groups.values():
-        group.sort(key=lambda i: (_content_key(i), i.label))
+        group.sort(key=lambda i: (_other_version(i), _content_key(i), i.label))
         kept.append(group[0])
         refused.extend((other.label, why(group[0])) for other in group[1:])
     return sorted(kept, key=lambda i: i.label)
@@ -204,7 +214,8 @@ def select(items: list[_Item]) -> tuple[list[_Item], Refusals]:
     valid = _check_fingerprints(valid, _train_keys, refused)
     valid = _keep_one(valid, _cell_key,
                       lambda keep: f"duplicate: {keep.label} is kept for the same method, recipe, backbone, dataset, "
-                                   "shots and seed (the smaller content sha256 wins)",
+                                   "shots and seed (a result of the installed plugin version wins, then the smaller "
+                                   "content sha256)",
                       refused)
     return valid, refused
 
@@ -419,6 +430,101 @@ def load_results(results_root: Path, protocols: Iterable[str] | None = None):
     return results, unreadable
 
 
+#: the first line of a written board: the options it was built with, so `--check` can use them
+_OPTIONS_LINE = re.compile(r"^<!-- benchsuite leaderboard options: (?P<options>.*?) -->$")
+_OPTION_FLAGS = ("--std", "--calibration", "--cost", "--no-plots")
+
+
+def options_flags(options: Options, plots: bool) -> str:
+    """The command-line flags that shape a board's content, in a fixed order ('' for none)."""
+    chosen = (options.std, options.calibration, options.cost, not plots)
+    return " ".join(flag for flag, on in zip(_OPTION_FLAGS, chosen) if on)
+
+
+def options_comment(options: Options, plots: bool) -> str:
+    """An HTML comment (invisible when rendered) recording the options, as the board's first line.
+
+    Why: a board built with --std --calibration checked without them is "stale" only because the
+    check dropped sections; the recorded line lets `--check` use, and suggest, the right flags."""
+    return f"<!-- benchsuite leaderboard options: {options_flags(options, plots) or '(none)'} -->\n"
+
+
+def recorded_options(text: str) -> str | None:
+    """The flags a board records on its first line ('' for none), or None for a board without it."""
+    match = _OPTIONS_LINE.match(text.split("\n", 1)[0])
+    if match is None:
+        return None
+    return " ".join(flag for flag in match["options"].split() if flag in _OPTION_FLAGS)
+
+
+def parse_options(flags: str) -> tuple[Options, bool]:
+    """The (Options, plots) of a recorded flags string, the inverse of `options_flags`."""
+    given = set(flags.split())
+    return Options(std="--std" in given, calibration="--calibration" in given, cost="--cost" in given), \
+        "--no-plots" not in given
+
+
+@dataclass
+class BoardReport:
+    """What one `write_board` found: why the board is stale (with `check`), what it refused (file,
+    reason; unreadable files included) and how many results it merged."""
+
+    problems: list[str]
+    refused: Refusals
+    merged: int
+
+
+def _refuse_empty(out: Path, results_root: Path, refused: Refusals) -> None:
+    """Never replace an existing board by one without a single merged result: that is a wrong
+    --results folder, or every result refused (a broken plugin, an edited protocol), not news."""
+    first = f"; first: {refused[0][0]}: {refused[0][1]}" if refused else ""
+    raise BenchsuiteError(f"no result under {results_root} could be merged ({len(refused)} refused or unreadable"
+                          f"{first}); {out} was left as it is. Fix the results or pass the right --results; to "
+                          f"really write an empty board, delete {out} first")
+
+
+def write_board(results_root: Path, out: Path, check: bool = False, tolerance: float = 0.0,
+                reference_dir: Path | None = None, options: Options = Options(), plots: bool = False,
+                site: Path | None = None) -> BoardReport:
+    """Regenerate `out` from the results under `results_root` (see `write_leaderboard`), and say
+    what was refused. Raises BenchsuiteError instead of overwriting an existing, different board
+    with one that merges no result."""
+    from .report import plots as report_plots
+
+    results, unreadable = load_results(results_root)
+    refs = load_references(reference_dir)
+    out = Path(out)
+    merged, refused = _merge(results, results_root)
+    refused = sorted(refused + [(_relative(path, results_root), f"unreadable: file {why}") for path, why in unreadable])
+    planned: list[Plot] = []
+    if plots:
+        planned = report_plots.plan(build_rows(i.result for i in merged), refs)
+    folder = out.parent / "plots" / out.stem
+    embeds = [(pl, f"plots/{out.stem}/{pl.name}.png") for pl in planned]
+    text = options_comment(options, plots) + build_leaderboard(
+        results, root=results_root, unreadable=unreadable, references=refs, options=options, plots=embeds)
+    current = out.read_text(encoding="utf-8") if out.is_file() else None
+    report = BoardReport([], refused, len(merged))
+    if check:
+        if current is None:
+            report.problems = [f"{out} does not exist"]
+            return report
+        if current != text:
+            report.problems = (numeric_differences(current, text, tolerance) if tolerance > 0 else
+                               [f"{out} differs from the leaderboard regenerated from {results_root}"])
+        report.problems += report_plots.check_folder(folder, planned, tolerance)
+        return report
+    if not merged and current is not None and current != text:
+        _refuse_empty(out, results_root, refused)
+    if current != text:
+        atomic_write_text(out, text)
+    if plots:
+        report_plots.write_folder(folder, planned)
+    if site is not None:
+        report_site.write_site(Path(site), [i.result for i in merged], refs, planned, folder)
+    return report
+
+
 def write_leaderboard(results_root: Path, out: Path, check: bool = False, tolerance: float = 0.0,
                       reference_dir: Path | None = None, options: Options = Options(), plots: bool = False,
                       site: Path | None = None) -> list[str]:
@@ -428,38 +534,12 @@ def write_leaderboard(results_root: Path, out: Path, check: bool = False, tolera
     (empty when up to date, byte for byte, or within `tolerance` accuracy points when a tolerance is
     given; plots are checked by their data, never by pixels). Without `check`, `out` and, with
     `plots`, its plots (`plots/<out stem>/` next to it) are rewritten if needed and an empty list is
-    returned. `site` also writes the static page there.
+    returned. `site` also writes the static page there. An existing board is never replaced by one
+    that merges no result (BenchsuiteError); `write_board` also returns the refused results.
     """
-    from .report import plots as report_plots
-
-    results, unreadable = load_results(results_root)
-    refs = load_references(reference_dir)
-    out = Path(out)
-    planned: list[Plot] = []
-    if plots:
-        merged, _ = _merge(results, results_root)
-        planned = report_plots.plan(build_rows(i.result for i in merged), refs)
-    folder = out.parent / "plots" / out.stem
-    embeds = [(pl, f"plots/{out.stem}/{pl.name}.png") for pl in planned]
-    text = build_leaderboard(results, root=results_root, unreadable=unreadable, references=refs, options=options,
-                             plots=embeds)
-    current = out.read_text(encoding="utf-8") if out.is_file() else None
-    if check:
-        if current is None:
-            return [f"{out} does not exist"]
-        problems: list[str] = []
-        if current != text:
-            problems = (numeric_differences(current, text, tolerance) if tolerance > 0 else
-                        [f"{out} differs from the leaderboard regenerated from {results_root}"])
-        return problems + report_plots.check_folder(folder, planned, tolerance)
-    if current != text:
-        atomic_write_text(out, text)
-    if plots:
-        report_plots.write_folder(folder, planned)
-    if site is not None:
-        merged, refused = _merge(results, results_root)
-        report_site.write_site(Path(site), [i.result for i in merged], refs, planned, folder)
-    return []
+    return write_board(results_root, out, check=check, tolerance=tolerance, reference_dir=reference_dir,
+                       options=options, plots=plots, site=site).problems
 
 
-__all__ = ["build_leaderboard", "build_tables", "load_results", "numeric_differences", "select", "write_leaderboard"]
+__all__ = ["BoardReport", "build_leaderboard", "build_tables", "load_results", "numeric_differences", "options_comment",
+           "options_flags", "parse_options", "recorded_options", "select", "write_board", "write_leaderboard"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -11,7 +12,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from .errors import ContractError
-from .hookspecs import PROJECT, REQUIRED_HOOKS, DiscoverySpec, HarnessDefaults, Method, MethodSpec
+from .hookspecs import PROJECT, REQUIRED_HOOKS, DiscoverySpec, HarnessDefaults, Method, MethodSpec, SETTINGS
 
 ENTRY_POINT_GROUP = "benchsuite"
 #: Method names: lower-case identifiers (the result schema enforces the same pattern).
@@ -47,25 +48,69 @@ class LoadedPlugin:
     pm: pluggy.PluginManager
 
 
+class PluginWarning(UserWarning):
+    """A plugin, or one method of it, was skipped (its own category, so tools can filter or raise it)."""
+
+
+@dataclass(frozen=True)
+class PluginProblem:
+    """Why a plugin or one of its methods was skipped, and what the user can do about it.
+
+    Why a record and not an exception: one broken third-party plugin must not take the built-in
+    methods, or the results they validate, down with it; the problem is shown instead (a warning
+    at discovery, `benchsuite list methods`, and every error that meets the skipped name)."""
+
+    plugin: str          #: entry point name
+    source: str          #: the providing distribution ("builtin" for benchsuite itself)
+    what: str
+    fix: str
+    method: str = ""     #: the method name concerned, when the problem is about one method
+
+    def __str__(self) -> str:
+        return f"benchsuite plugin {self.plugin!r} ({self.source}): {self.what}; skipped. Fix: {self.fix}"
+
+
+#: what the last discovery skipped: "plugins" (import, contract) and "methods" (names, classes)
+_SKIPPED: dict[str, tuple[PluginProblem, ...]] = {"plugins": (), "methods": ()}
+
+
+def _record(kind: str, found: list[PluginProblem]) -> None:
+    """Remember the problems of one discovery step and warn about each once."""
+    _SKIPPED[kind] = tuple(found)
+    for problem in found:
+        warnings.warn(str(problem), PluginWarning, stacklevel=3)
+
+
+def _load(ep) -> tuple[LoadedPlugin | None, PluginProblem | None]:
+    """Import one entry point and register it in its own discovery manager, or say why not."""
+    source, version = _source_of(ep)
+    reinstall = f"reinstall or upgrade {source}, or uninstall it" if source != "unknown" else "fix or remove it"
+    try:
+        plugin = ep.load()
+    except Exception as exc:  # a broken third-party plugin must not hide the others
+        return None, PluginProblem(ep.name, source, f"failed to import ({type(exc).__name__}: {exc})", reinstall)
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(DiscoverySpec)
+    try:
+        pm.register(plugin, name=ep.name)
+        pm.check_pending()
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        return None, PluginProblem(ep.name, source, f"breaks the discovery contract ({exc})",
+                                   f"its hooks must match DiscoverySpec in benchsuite/hookspecs.py; {reinstall}")
+    return LoadedPlugin(ep.name, source, version, pm), None
+
+
 @lru_cache(maxsize=1)
 def plugins() -> tuple[LoadedPlugin, ...]:
-    """Import every entry point of the group once (a broken one warns and is skipped)."""
-    loaded = []
+    """Import every entry point of the group once; a broken one is skipped with a PluginWarning."""
+    loaded, found = [], []
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        source, version = _source_of(ep)
-        try:
-            plugin = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not hide the others
-            warnings.warn(f"benchsuite plugin {ep.name!r} ({source}) failed to import: {exc}", stacklevel=2)
-            continue
-        pm = pluggy.PluginManager(PROJECT)
-        pm.add_hookspecs(DiscoverySpec)
-        try:
-            pm.register(plugin, name=ep.name)
-            pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise ContractError(f"plugin {ep.name!r} ({source}) breaks the discovery contract: {exc}") from exc
-        loaded.append(LoadedPlugin(ep.name, source, version, pm))
+        plugin, problem = _load(ep)
+        if problem is not None:
+            found.append(problem)
+        else:
+            loaded.append(plugin)
+    _record("plugins", found)
     return tuple(loaded)
 
 
@@ -81,33 +126,112 @@ def add_commands(subparsers) -> None:
         plugin.pm.hook.benchsuite_commands(subparsers=subparsers)
 
 
+def _class_problem(plugin: LoadedPlugin, cls: object) -> PluginProblem | None:
+    """Why `cls`, returned by the plugin's benchsuite_methods hook, cannot be a method; None if it can."""
+    name = getattr(cls, "name", "")
+    fix = f"have benchsuite_methods return Method subclasses with a valid `name`, or uninstall {plugin.source}"
+    if not isinstance(cls, type) or not name or not isinstance(name, str):
+        return PluginProblem(plugin.name, plugin.source, f"hook benchsuite_methods returned {cls!r}, which is not a "
+                                                          f"class with a non-empty `name`", fix)
+    if not METHOD_NAME.fullmatch(name):
+        return PluginProblem(plugin.name, plugin.source, f"method name {name!r} is not allowed; names are lower-case "
+                             f"identifiers ({METHOD_NAME.pattern}), since they become folder names and leaderboard "
+                             f"rows", fix, method=name)
+    return None
+
+
+def _plugin_classes(plugin: LoadedPlugin, found: list[PluginProblem]) -> list[type]:
+    """The classes one plugin's benchsuite_methods hook returns (a hook that raises gives none)."""
+    try:
+        answers = plugin.pm.hook.benchsuite_methods()
+    except Exception as exc:
+        found.append(PluginProblem(plugin.name, plugin.source, f"hook benchsuite_methods raised "
+                                   f"{type(exc).__name__}: {exc}", f"fix or uninstall {plugin.source}"))
+        return []
+    classes: list = []
+    for answer in answers:
+        if answer is not None and not isinstance(answer, (list, tuple)):
+            found.append(PluginProblem(plugin.name, plugin.source, f"hook benchsuite_methods returned {answer!r}, "
+                                       f"not a list of classes", f"return a list, or uninstall {plugin.source}"))
+            continue
+        classes += list(answer or [])
+    return classes
+
+
+def _settle(name: str, claims: list[MethodEntry]) -> tuple[MethodEntry | None, list[PluginProblem]]:
+    """Who gets a method name claimed more than once, and a problem for every copy skipped.
+
+    The rule: the same class under two entry points is one method; a built-in keeps its name and a
+    third-party copy is skipped (an installed plugin cannot silently replace a built-in method or
+    relabel its results); two third-party copies are both skipped, since either could be the one
+    meant and results cannot say which."""
+    distinct = [c for i, c in enumerate(claims) if all(c.cls is not o.cls for o in claims[:i])]
+    if len(distinct) == 1:
+        return distinct[0], []
+    builtins = [c for c in distinct if c.source == "builtin"]
+    keeper = builtins[0] if len(builtins) == 1 else None
+    where = " and ".join(f"{c.source} ({c.entry_point})" for c in distinct)
+    problems = []
+    for copy in distinct:
+        if copy is keeper:
+            continue
+        if keeper is not None:
+            what = f"method name {name!r} is already a built-in method's, which keeps it"
+            fix = f"rename the method in {copy.source} (its `name`), or uninstall {copy.source}"
+        else:
+            what = f"method name {name!r} is provided by {where}, so no copy is used (either could be meant)"
+            fix = f"uninstall all but one of {', '.join(sorted({c.source for c in distinct}))}, or rename one method"
+        problems.append(PluginProblem(copy.entry_point, copy.source, what, fix, method=name))
+    return keeper, problems
+
+
 @lru_cache(maxsize=1)
 def discover() -> dict[str, MethodEntry]:
-    """The methods every plugin contributes, by name."""
-    found: dict[str, MethodEntry] = {}
+    """The methods every plugin contributes, by name.
+
+    Never raises for a bad plugin: a plugin that fails to import or breaks the discovery contract,
+    a returned object that is not a class with a valid name, and a name claimed twice (see
+    `_settle`: a built-in keeps its name, two third-party copies are both dropped) are skipped with
+    a PluginWarning naming the plugin, its distribution and the fix; `problems()` lists them."""
+    claims: dict[str, list[MethodEntry]] = defaultdict(list)
+    found: list[PluginProblem] = []
     for plugin in plugins():
-        source, version, ep_name = plugin.source, plugin.version, plugin.name
-        for classes in plugin.pm.hook.benchsuite_methods():
-            for cls in classes or []:
-                name = getattr(cls, "name", "")
-                if not isinstance(cls, type) or not name or not isinstance(name, str):
-                    raise ContractError(f"plugin {ep_name!r} ({source}), hook benchsuite_methods: returned "
-                                        f"{cls!r}, which is not a class with a non-empty `name`")
-                if not METHOD_NAME.fullmatch(name):
-                    raise ContractError(f"plugin {ep_name!r} ({source}): method name {name!r} is not allowed; "
-                                        f"names are lower-case identifiers ({METHOD_NAME.pattern}), since they "
-                                        f"become folder names and leaderboard rows")
-                if name in found:
-                    other = found[name]
-                    raise ContractError(f"method name {name!r} is provided twice: by {other.source} "
-                                        f"({other.entry_point}) and by {source} ({ep_name}); uninstall one")
-                found[name] = MethodEntry(name, cls, source, version, ep_name)
-    return found
+        for cls in _plugin_classes(plugin, found):
+            problem = _class_problem(plugin, cls)
+            if problem is not None:
+                found.append(problem)
+                continue
+            claims[cls.name].append(MethodEntry(cls.name, cls, plugin.source, plugin.version, plugin.name))
+    methods: dict[str, MethodEntry] = {}
+    for name, entries in claims.items():
+        keeper, dropped = _settle(name, entries)
+        found += dropped
+        if keeper is not None:
+            methods[name] = keeper
+    _record("methods", found)
+    return methods
+
+
+def problems() -> tuple[PluginProblem, ...]:
+    """Everything the current discovery skipped: broken plugins first, then skipped methods."""
+    discover()
+    return _SKIPPED["plugins"] + _SKIPPED["methods"]
+
+
+def skipped_method(name: str) -> PluginProblem | None:
+    """Why the method `name` is not available although a plugin provides it; None otherwise."""
+    if name in discover():
+        return None
+    return next((p for p in _SKIPPED["methods"] if p.method == name), None)
 
 
 def get_method(name: str) -> MethodEntry:
     methods = discover()
     if name not in methods:
+        skipped = skipped_method(name)
+        if skipped is not None:
+            raise ContractError(f"method {name!r} is not available: plugin {skipped.plugin!r} ({skipped.source}): "
+                                f"{skipped.what}. Fix: {skipped.fix}")
         raise ContractError(f"unknown method {name!r}; installed methods: {', '.join(sorted(methods)) or 'none'}. "
                             f"A third-party method must be pip-installed and declare an entry point in the "
                             f"'{ENTRY_POINT_GROUP}' group")
@@ -133,6 +257,10 @@ def job_manager(entry: MethodEntry) -> tuple[pluggy.PluginManager, Method]:
         if not implements(pm, instance, hook):
             raise ContractError(f"method {entry.name!r} ({entry.source}) does not implement the required hook "
                                 f"{hook!r}; see benchsuite/hookspecs.py")
+    setting = getattr(entry.cls, "setting", "inductive")
+    if setting not in SETTINGS:
+        raise ContractError(f"method {entry.name!r} ({entry.source}): setting {setting!r} is not one of "
+                            f"{', '.join(SETTINGS)} (Method.setting in benchsuite/hookspecs.py)")
     return pm, instance
 
 

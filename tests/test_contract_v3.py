@@ -261,3 +261,69 @@ def test_fit_features_get_every_training_image_under_each_view_once_and_reproduc
     assert shape[0] == 2 and shape[1] == labels[0] == result["data"]["train"]["n_images"] and grad is False
     code, text, again = _run(tmp_path, tiny_checkpoint, data_root, "prototypes", name="again")
     assert code == 0 and next(iter(again.values()))["metrics"] == result["metrics"]
+
+
+# ---- iteration budgets -----------------------------------------------------------------------------
+
+def test_iteration_lr_is_torchs_cosine_annealing_per_step():
+    from benchsuite.engine.train import iteration_lr
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 40, eta_min=1e-6)
+    expected = []
+    for _ in range(40):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [iteration_lr(i, 40, 2e-4, 1e-6) for i in range(40)] == pytest.approx(expected, rel=1e-12)
+
+
+class CountsSteps(TunesLayerNorm):
+    """An iteration budget: records the epoch of every optimizer step."""
+
+    name = "counts_steps"
+    rates: list = []
+
+    @hookimpl
+    def recipe(self, protocol, dataset, shots):
+        return {"epochs": 0, "iterations": 7, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-5, "optimizer": "adamw",
+                "weight_decay": 0.0, "warmup_epochs": 0, "template": "coop_custom"}
+
+    @hookimpl
+    def setup(self, ctx):
+        type(self).rates = []  # the one-batch check's instance is set up first: count the real job's steps
+        return super().setup(ctx)
+
+    @hookimpl
+    def train_step(self, batch, epoch):
+        out = super().train_step(batch, epoch)
+        type(self).rates.append(epoch)
+        return out
+
+
+def test_an_iteration_budget_runs_exactly_that_many_steps_across_epochs(with_methods, tmp_path, tiny_checkpoint,
+                                                                        data_root):
+    with_methods(CountsSteps)
+    CountsSteps.rates = []
+    code, text, results = _run(tmp_path, tiny_checkpoint, data_root, "counts_steps")
+    assert code == 0, text
+    (result,) = results.values()
+    n_images = result["data"]["train"]["n_images"]
+    per_epoch = -(-n_images // 8)
+    assert len(CountsSteps.rates) == 7  # exactly the budget, the last pass cut short
+    assert CountsSteps.rates == [i // per_epoch for i in range(7)]
+    assert result["training"]["loss_per_epoch"]["loss"] and len(result["training"]["loss_per_epoch"]["loss"]) == \
+        -(-7 // per_epoch)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("counts_steps.epochs=3", "both epochs=3 and iterations=7"),
+    ("counts_steps.warmup_epochs=1", "has no warm-up"),
+    ("counts_steps.iterations=2.5", "'iterations' takes an integer"),
+    ("counts_steps.iterations=-3", "must be a whole number"),
+])
+def test_bad_iteration_budgets_are_one_line(setting, message, with_methods, tmp_path, tiny_checkpoint, data_root):
+    with_methods(CountsSteps)
+    code, text, _ = _run(tmp_path, tiny_checkpoint, data_root, "counts_steps", "--set", setting)
+    assert code == 2 and message in text and "Traceback" not in text, text

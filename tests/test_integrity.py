@@ -194,3 +194,11 @@ def test_the_plugin_version_is_recorded_and_a_new_version_runs_its_jobs_again(mo
     assert len(files) == 2
     versions = sorted(json.loads(p.read_text())["method"]["version"] for p in files)
     assert versions == ["1.0", "1.1"]
+    # the leaderboard keeps the installed version's result of the cell and says why it refused the other
+    board = tmp_path / "board.md"
+    code, out, err = run_quiet(["leaderboard", "--results", str(tmp_path / "r"), "--out", str(board), "--no-plots"])
+    text = board.read_text()
+    old = next(p for p in files if json.loads(p.read_text())["method"]["version"] == "1.0")
+    refused = text[text.index("Refused"):]
+    assert old.name in refused or str(old) in refused or old.stem in refused, text
+    assert "installed plugin version wins" in refused

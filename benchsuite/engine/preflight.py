@@ -51,26 +51,43 @@ def check_methods(names: list[str]) -> list[str]:
     if not names or names == ["all"]:
         return sorted(installed)
     for name in names:
+        if name not in installed and registry.skipped_method(name) is not None:
+            registry.get_method(name)  # the error says which plugin provides it and why it was skipped
         if name not in installed:
             raise BenchsuiteError(unknown("method", name, installed) + " (`benchsuite list methods`; a third-party "
                                   "method must be pip-installed with an entry point in the 'benchsuite' group)")
     return list(dict.fromkeys(names))
 
 
-def check_results_folder(path: Path) -> None:
-    """The results folder exists or can be created, and a file can be written in it, before any work."""
+WRITABLE_FIX = "pass --results DIR with a folder you can write to"
+
+
+def results_folder_problem(path: Path) -> str | None:
+    """Why no file can be written in the existing results folder (None: one can). A folder that
+    cannot even be created is an error here: it holds no result a run could reuse.
+
+    Why not always an error: a read-only folder whose jobs are all done (a shared, archived grid)
+    can still be reused by a run that writes nothing; `run` decides once it knows the jobs."""
     path = Path(path)
-    fix = "pass --results DIR with a folder you can write to"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BenchsuiteError(f"results folder {path} cannot be created ({exc.strerror or exc}); {fix}") from None
+        raise BenchsuiteError(f"results folder {path} cannot be created ({exc.strerror or exc}); "
+                              f"{WRITABLE_FIX}") from None
     probe = temp_path(path / ".write-probe")
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise BenchsuiteError(f"results folder {path} is not writable ({exc.strerror or exc}); {fix}") from None
+        return str(exc.strerror or exc)
+    return None
+
+
+def check_results_folder(path: Path) -> None:
+    """The results folder exists or can be created, and a file can be written in it, before any work."""
+    problem = results_folder_problem(path)
+    if problem is not None:
+        raise BenchsuiteError(f"results folder {path} is not writable ({problem}); {WRITABLE_FIX}")
 
 
 def resolved_recipes(jobs: list[Job]) -> dict[str, list[dict[str, Any]]]:
@@ -130,10 +147,13 @@ class Preflight:
 
 
 def preflight(jobs: list[Job], data_root: Path, results: Path, overrides: Overrides, *,
-              check_image_files: bool = True, echo: Callable[[str], None] = print) -> Preflight:
-    """Every check of a run that needs neither the backbone nor training, cheapest first."""
-    check_results_folder(results)
-    removed = sweep_orphans(results)
+              check_image_files: bool = True, echo: Callable[[str], None] = print,
+              read_only: bool = False) -> Preflight:
+    """Every check of a run that needs neither the backbone nor training, cheapest first. With
+    `read_only` (a results folder the run may only reuse) nothing is written or removed there."""
+    if not read_only:
+        check_results_folder(results)
+    removed = [] if read_only else sweep_orphans(results)
     if removed:
         echo(f"benchsuite: removed {len(removed)} temporary file(s) left by interrupted writers in {results}")
     typed = validate_overrides(overrides, resolved_recipes(jobs))

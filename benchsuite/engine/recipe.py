@@ -110,7 +110,7 @@ def validate_overrides(overrides: Overrides, recipes: dict[str, list[dict[str, A
     out: Overrides = {}
     for method, entries in overrides.items():
         if method is None:  # checked against the methods it applies to (those that train), else all
-            trained = sorted(m for m, rs in recipes.items() if any(r.get("epochs", 0) > 0 for r in rs))
+            trained = sorted(m for m, rs in recipes.items() if any(trains(r) for r in rs))
             targets = trained or sorted(recipes)
         elif method not in recipes:
             raise BenchsuiteError(f"{flag} {method}.{next(iter(entries))}: method {method!r} is not part of this run"
@@ -167,13 +167,32 @@ def apply_profile(recipe: dict[str, Any], profile: dict[str, Any],
         for key in (*HARNESS_EPOCH_SETTINGS, *epoch_settings):
             if key in out:
                 out[key] = _scale_setting(out[key], scale)
-    if "max_batch_size" in profile and out["epochs"] > 0:
+    if out.get("iterations") and "epochs_scale" in profile:  # a toy profile shortens an iteration budget alike
+        out["iterations"] = max(1, math.ceil(out["iterations"] * float(profile["epochs_scale"])))
+    if "max_batch_size" in profile and trains(out):
         out["batch_size"] = min(out["batch_size"], int(profile["max_batch_size"]))
     return out
 
 
+def trains(recipe: dict[str, Any]) -> bool:
+    """Whether a resolved recipe trains: a budget of epochs, or of iterations (contract v3)."""
+    return recipe.get("epochs", 0) > 0 or (recipe.get("iterations", 0) or 0) > 0
+
+
 def check_recipe(method: str, recipe: dict[str, Any], image_inputs: tuple[str, ...]) -> None:
     """Refuse harness settings that cannot run, with one line naming the key and the fix."""
+    iterations = recipe.get("iterations", 0)
+    if iterations:
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise BenchsuiteError(f"method {method!r}: iterations={iterations!r} must be a whole number of "
+                                  f"optimizer steps (--set {method}.iterations=...)")
+        if recipe["epochs"]:
+            raise BenchsuiteError(f"method {method!r}: both epochs={recipe['epochs']} and iterations={iterations} "
+                                  f"are set; a recipe has one budget (--set {method}.epochs=0 to train for the "
+                                  f"iterations)")
+        if recipe["warmup_epochs"]:
+            raise BenchsuiteError(f"method {method!r}: an iteration budget has no warm-up (a per-iteration cosine), "
+                                  f"but warmup_epochs={recipe['warmup_epochs']}; set warmup_epochs to 0")
     epochs, warmup = recipe["epochs"], recipe["warmup_epochs"]
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (epochs, warmup))
     if numbers and epochs > 0 and warmup >= epochs:
@@ -212,7 +231,7 @@ def resolve_recipe(method: str, method_recipe: dict[str, Any] | None, profile: d
 
     base = {**HARNESS_DEFAULTS, "image_input": image_input, **(method_recipe or {})}
     recipe = apply_profile(base, profile, epoch_settings)
-    changes = dict(overrides.get(None, {})) if recipe["epochs"] > 0 else {}
+    changes = dict(overrides.get(None, {})) if trains(recipe) else {}
     changes.update(overrides.get(method, {}))
     changed = {k: v for k, v in changes.items() if recipe.get(k, object()) != v}
     resolved = {**recipe, **changes}

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,7 +39,7 @@ from ..tempfiles import temp_path
 from .evaluate import compute_features, evaluate, feature_batches, image_batches
 from .feature_cache import FeatureCache, feature_key, files_signature
 from .jobs import Job, job_id
-from .recipe import Overrides, config_hash, declarations, profile_epoch_scale, resolve_recipe
+from .recipe import Overrides, config_hash, declarations, profile_epoch_scale, resolve_recipe, trains
 from .seeding import seed_everything
 from .checkpoint import PREEMPT_SIGNALS, EpochCheckpoint
 from .smoke import smoke_check
@@ -144,10 +144,25 @@ def training_share_key(job: Job, recipe: dict[str, Any], train_fp: str, manifest
     is not shared: transfer tasks (cross_dataset, domain_generalization) train once on the source set
     and every job of the same recipe, sample, backbone and seed reuses it (`benchsuite plan` counts
     such trainings once)."""
-    if recipe["epochs"] <= 0 or job.protocol.task != "transfer":
+    if not trains(recipe) or job.protocol.task != "transfer":
         return None
     return config_hash(job.method, {"recipe": recipe, "train": train_fp, "manifest": manifest_sha,
                                     "backbone": weights_sha256, "precision": precision, "seed": job.seed})
+
+
+def eval_sets(job: Job, split: FewShotSplit, splits: Callable[[str], DatasetSplits]):
+    """(evaluation, test items, class names, root) of every set a job evaluates: a class subset of its
+    own test split (base2new), its test split, or another dataset's (transfer); `benchsuite plan`
+    counts the same sets."""
+    for ev in job.evals():
+        if ev.classes != "all":
+            part = subsample_classes(split, ev.classes)
+            yield ev, part.test, part.classnames, part.root
+        elif ev.dataset == job.dataset:
+            yield ev, split.test, split.classnames, split.root
+        else:
+            target = splits(ev.dataset)
+            yield ev, target.test, target.classnames, target.root
 
 
 class Runner:
@@ -221,15 +236,7 @@ class Runner:
         return split, self.manifests.record(split)
 
     def eval_data(self, job: Job, split: FewShotSplit):
-        for ev in job.evals():
-            if ev.classes != "all":
-                part = subsample_classes(split, ev.classes)
-                yield ev, part.test, part.classnames, part.root
-            elif ev.dataset == job.dataset:
-                yield ev, split.test, split.classnames, split.root
-            else:
-                target = self.splits(ev.dataset)
-                yield ev, target.test, target.classnames, target.root
+        return eval_sets(job, split, self.splits)
 
     # ---- identity ---------------------------------------------------------------------------
     def backbone_record(self) -> dict[str, Any]:
@@ -314,9 +321,10 @@ class Runner:
     def run_job(self, job: Job, *, prefix: str = "") -> Path | None:
         entry, pm, method, recipe, overrides, epoch_scale = self._plan(job)
         missing = [hook for hook in TRAINING_HOOKS if not implements(pm, method, hook)]
-        if recipe["epochs"] > 0 and missing:
-            raise ContractError(f"method {job.method!r} ({entry.source}): the recipe trains for {recipe['epochs']} "
-                                f"epochs but the method does not implement the hook {missing[0]!r}")
+        if trains(recipe) and missing:
+            raise ContractError(f"method {job.method!r} ({entry.source}): the recipe trains (epochs "
+                                f"{recipe['epochs']}, iterations {recipe.get('iterations', 0)}) but the method does "
+                                f"not implement the hook {missing[0]!r}")
         chash = config_hash(job.method, recipe)
         backbone = self.backbone_record()
         jid = job_id(job, chash, backbone, self.data_identity(job), plugin=(entry.source, entry.version))
@@ -360,7 +368,7 @@ class Runner:
         train_fp = fingerprint(train_split.train, train_split.root)
         share_key = training_share_key(job, recipe, train_fp, manifest_sha, backbone_rec["weights_sha256"],
                                        b.precision)
-        if self.smoke and recipe["epochs"] > 0 and not (share_key and self._shared_path(share_key).exists()):
+        if self.smoke and trains(recipe) and not (share_key and self._shared_path(share_key).exists()):
             _, items, classnames, _ = next(iter(self.eval_data(job, split)))
             first = next(iter(job.evals()))
             smoke_check(entry, ctx, train_split.train, train_transform(b.image_spec),
@@ -374,7 +382,7 @@ class Runner:
             self._fit_features(pm, entry, train_split, prefix)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         trained = TrainRecord()
-        if recipe["epochs"] > 0:
+        if trains(recipe):
             trained = self._train(job, entry, pm, module, recipe, split, train_split, share_key, jid, prefix)
         evaluated = self._evaluate(job, pm, module, recipe["image_input"], split, prefix)
         peak, kind = _peak_memory(b.device)

@@ -174,6 +174,12 @@ def parameter_groups(pm: pluggy.PluginManager, method: str, module: nn.Module,
     return out
 
 
+def iteration_lr(step: int, iterations: int, lr: float, min_lr: float = 0.0) -> float:
+    """The rate of step `step` of an iteration budget: what torch's CosineAnnealingLR(T_max=iterations,
+    eta_min=min_lr) gives after `step` scheduler steps (closed form)."""
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / iterations))
+
+
 def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float, recipe: dict[str, Any], in_warmup: bool) -> None:
     """The epoch's learning rate in every group: the constant warm-up rate, or each group's base rate
     scaled as the recipe's (one group at the recipe's lr gets exactly `lr`)."""
@@ -195,13 +201,22 @@ def _epoch_means(parts: dict[str, list[torch.Tensor]], skipped: list[torch.Tenso
 def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, recipe: dict[str, Any], backbone,
           image_input: str, *, progress: str = "", scaler: Optional[torch.amp.GradScaler] = None,
           checkpoint: EpochCheckpoint | None = None) -> TrainStats:
-    """Train `module` for the recipe's epochs; with `checkpoint`, resume from its saved epoch and
+    """Train `module` for the recipe's budget; with `checkpoint`, resume from its saved epoch and
     hand it every epoch boundary, the plugins' `training_state` included (times, images, loss
-    history and skipped steps count the interrupted attempts too)."""
-    epochs = int(recipe["epochs"])
+    history and skipped steps count the interrupted attempts too).
+
+    Budget: ``epochs`` with Dassl's epoch-stepped schedule, or ``iterations`` optimizer steps (CLIP-LoRA,
+    2SFS: the recipe's epochs are then 0): as many passes over the reshuffled training set as they
+    need, the last one cut after exactly ``iterations`` steps, with a cosine learning rate stepped
+    per iteration, ``lr * (1 + cos(pi * i / iterations)) / 2`` floored at ``min_lr`` as
+    ``CosineAnnealingLR(T_max=iterations, eta_min=min_lr)`` computes it, and no warm-up."""
+    iterations = int(recipe.get("iterations", 0) or 0)
+    steps_per_epoch = len(loader)
+    epochs = math.ceil(iterations / steps_per_epoch) if iterations else int(recipe["epochs"])
+    budget = f"{iterations} iterations" if iterations else f"{epochs} epochs"
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
-        raise ContractError(f"method {method!r}, hook setup: the recipe trains for {epochs} epochs but the "
+        raise ContractError(f"method {method!r}, hook setup: the recipe trains for {budget} but the "
                             f"returned module has no parameter with requires_grad")
     optimizer = make_optimizer(parameter_groups(pm, method, module, recipe), recipe, fused=scaler is not None)
     device = backbone.device
@@ -220,14 +235,22 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(first_epoch, epochs), desc=progress or f"train {method}", unit="epoch", leave=False,
                disable=None)
+    step = first_epoch * steps_per_epoch
     for epoch in bar:
-        lr = epoch_lr(epoch, epochs, recipe["lr"], warmup_epochs=recipe["warmup_epochs"],
-                      warmup_lr=recipe["warmup_lr"])
-        set_group_lrs(optimizer, lr, recipe, in_warmup=epoch < recipe["warmup_epochs"])
+        if not iterations:
+            lr = epoch_lr(epoch, epochs, recipe["lr"], warmup_epochs=recipe["warmup_epochs"],
+                          warmup_lr=recipe["warmup_lr"])
+            set_group_lrs(optimizer, lr, recipe, in_warmup=epoch < recipe["warmup_epochs"])
         module.train()
         parts: dict[str, list[torch.Tensor]] = {"loss": []}
         skipped: list[torch.Tensor] = []
         for images, labels, *views in loader:
+            if iterations:
+                if step >= iterations:
+                    break
+                lr = iteration_lr(step, iterations, recipe["lr"], float(recipe.get("min_lr", 0.0)))
+                set_group_lrs(optimizer, lr, recipe, in_warmup=False)
+                step += 1
             outputs = train_step(pm, method, module, optimizer, backbone, images, labels,
                                  views[0] if views else [], image_input, epoch, scaler, skipped)
             for key, value in outputs.items():

@@ -125,11 +125,15 @@ def _key_problems(result: dict[str, Any]) -> list[str]:
 @lru_cache(maxsize=256)
 def _installed_default(method: str, pid: str, dataset: str, shots: int) -> str | None:
     """The installed method's default recipe for this job as canonical JSON; None when the method
-    is not installed here (then only the hash can be checked). Raises on a broken method."""
-    from ..methods import discover, job_manager  # lazy: discovery imports every plugin
+    is not installed here (then only the hash can be checked). Raises on a broken method, and on a
+    name an installed plugin provides but discovery skipped (a name claimed by two plugins): the
+    recipe cannot be vouched for, so such a result is refused with that reason, not accepted unchecked."""
+    from ..methods import discover, get_method, job_manager, skipped_method  # lazy: discovery imports plugins
 
     entry = discover().get(method)
     shipped = _shipped(pid)
+    if entry is None and skipped_method(method) is not None:
+        get_method(method)  # raises, naming the plugins and the fix
     if entry is None or isinstance(shipped, str):
         return None
     pm, _ = job_manager(entry)
@@ -188,6 +192,36 @@ def validate_result(result: Any) -> list[str]:
     return problems
 
 
+#: (keys a file must all have, what it is) for the JSON files benchsuite writes that are not results
+_NOT_RESULTS = (
+    ({"dataset", "shots", "seed", "train", "sha256"}, "a few-shot manifest (RESULTS/_manifests/)"),
+    ({"protocol", "jobs"}, "a grid record of `benchsuite run`, read by `benchsuite status` (RESULTS/_grids/)"),
+    ({"label", "protocol", "host", "pid"}, "a job claim, present while the job runs (RESULTS/.locks/)"),
+    ({"format", "key", "features"}, "a feature-cache entry's metadata"),
+    ({"method", "paper", "entries"}, "a reference file of published numbers (leaderboard/reference/)"),
+    ({"id", "version", "task", "evals"}, "a protocol definition"),
+)
+#: folders of a results tree that never hold results (`ResultStore.iter_results` skips them too)
+_NON_RESULT_FOLDERS = {"_manifests", "_grids", ".locks", "_checkpoints", "_trained", "_slurm", "_logs"}
+
+
+def non_result_kind(path: Path, data: dict[str, Any]) -> str | None:
+    """What a JSON file is when it is one benchsuite writes beside results and not a result (so
+    `validate` can say so instead of listing schema errors); None when it may be a result.
+
+    Anything with a `job` or `metrics` key is treated as a result, however broken: a damaged
+    result must never be waved through as "not a result"."""
+    if "job" in data or "metrics" in data:
+        return None
+    for keys, what in _NOT_RESULTS:
+        if keys <= set(data):
+            return what
+    folder = next((part for part in Path(path).parent.parts if part in _NON_RESULT_FOLDERS), None)
+    if folder is not None:
+        return f"a file of the {folder}/ folder of a results tree, where benchsuite keeps what is not a result"
+    return None
+
+
 def validate_files(paths: Iterable[Path | str]) -> dict[Path, list[str]]:
     """Problems per file (empty list: acceptable); unparseable JSON names the error position."""
     report: dict[Path, list[str]] = {}
@@ -198,4 +232,16 @@ def validate_files(paths: Iterable[Path | str]) -> dict[Path, list[str]]:
     return report
 
 
-__all__ = ["ACCURACY_TOLERANCE", "validate_files", "validate_result"]
+def skipped_files(paths: Iterable[Path | str]) -> dict[Path, str]:
+    """The files among `paths` that are readable JSON but not results, with what each one is."""
+    out: dict[Path, str] = {}
+    for raw in paths:
+        path = Path(raw)
+        data, _ = read_json(path)
+        kind = None if data is None else non_result_kind(path, data)
+        if kind is not None:
+            out[path] = kind
+    return out
+
+
+__all__ = ["ACCURACY_TOLERANCE", "non_result_kind", "skipped_files", "validate_files", "validate_result"]
