@@ -22,7 +22,7 @@ DEFAULT_REFERENCE = Path("leaderboard/reference")
 EXECUTORS = ("local", "pool", "slurm")
 #: the options that choose where each command writes: named when the file system refuses a write
 WRITES_TO = {"run": "--results DIR", "status": "--results DIR", "leaderboard": "--out FILE, --site DIR",
-             "bench": "--json FILE", "cache": "--feature-cache DIR"}
+             "bench": "--json FILE", "cache": "--feature-cache DIR", "plan": "--json FILE, --figures FILE"}
 
 
 class OneOf(argparse.Action):
@@ -585,6 +585,7 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
                    help="load the backbone (on the CPU) to match results, saved trainings and cached features by "
                         "the exact identities run computes")
     p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
+    p.add_argument("--json", metavar="FILE", help="also write the plan to this JSON file")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("status", help="done, running, failed and missing jobs of the grids run into a results folder")

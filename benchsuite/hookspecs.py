@@ -384,7 +384,8 @@ class MethodSpec:
         """
 
     @hookspec
-    def fit_features(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def fit_features(self, features: torch.Tensor, labels: torch.Tensor, val_features: Optional[torch.Tensor],
+                     val_labels: Optional[torch.Tensor]) -> None:
         """Build the method from frozen features of the few-shot training images (contract v3):
         training-free methods (Tip-Adapter's cache model) and methods that initialise from them
         (Tip-Adapter-F) implement it; the harness calls it after ``setup`` and before training.
@@ -392,8 +393,11 @@ class MethodSpec:
         ``features``: fp32 ``[views, n_images, D]``, raw (not normalised) features of the frozen,
         unprompted image encoder, of the training images under ``views`` independent draws of the
         protocol's train augmentation (``Method.fit_views``; drawn from the job's seeded stream, so
-        every run and resume sees the same views); ``labels``: ``[n_images]``. Called under
-        ``torch.no_grad()``; computed once per job, with one encoder pass per image and view.
+        every run and resume sees the same views); ``labels``: ``[n_images]``. ``val_features``
+        ``[n_val, D]`` and ``val_labels``: the job's few-shot validation split (training classes,
+        test transform), where a method searches its hyper-parameters (never on the test set); None
+        when the dataset has no validation split of its own (ImageNet's is its test set). Called
+        under ``torch.no_grad()``; computed once per job, with one encoder pass per image and view.
         """
 
     @hookspec

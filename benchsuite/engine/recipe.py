@@ -202,6 +202,12 @@ def check_recipe(method: str, recipe: dict[str, Any], image_inputs: tuple[str, .
     if recipe["image_input"] not in image_inputs:
         raise BenchsuiteError(f"method {method!r}: image_input={recipe['image_input']!r} is not one of "
                               f"{', '.join(image_inputs)}")
+    schedule = recipe.get("lr_schedule", "dassl")
+    if schedule not in ("dassl", "cosine_per_iteration"):
+        raise BenchsuiteError(f"method {method!r}: lr_schedule={schedule!r} is not one of dassl, cosine_per_iteration")
+    if schedule == "cosine_per_iteration" and recipe["warmup_epochs"]:
+        raise BenchsuiteError(f"method {method!r}: lr_schedule=cosine_per_iteration has no warm-up, but "
+                              f"warmup_epochs={recipe['warmup_epochs']}; set warmup_epochs to 0")
     optimizer = recipe.get("optimizer", "sgd")
     if optimizer not in ("sgd", "adam", "adamw"):
         raise BenchsuiteError(f"method {method!r}: optimizer={optimizer!r} is not one of sgd, adam, adamw "

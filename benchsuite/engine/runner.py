@@ -460,8 +460,15 @@ class Runner:
                                      pin_memory=False)
         drawn = [compute_features(b, loader, progress=f"{prefix} fit features {v + 1}/{views}") for v in range(views)]
         features = torch.stack([f for f, _ in drawn]).to(b.device)
+        val_features = val_labels = None
+        if get_dataset(train_split.dataset).sample_val and train_split.val:  # a validation split of its own
+            val_loader = loaders.eval_loader(train_split.val, test_transform(b.image_spec), 256, workers=0,
+                                             pin_memory=False)
+            val_features, val_labels = compute_features(b, val_loader, progress=f"{prefix} fit features val")
+            val_features, val_labels = val_features.to(b.device), val_labels.to(b.device)
         with torch.no_grad(), b.autocast():
-            pm.hook.fit_features(features=features, labels=drawn[0][1].to(b.device))
+            pm.hook.fit_features(features=features, labels=drawn[0][1].to(b.device), val_features=val_features,
+                                 val_labels=val_labels)
 
     def _evaluate(self, job: Job, pm, module: torch.nn.Module, image_input: str, split: FewShotSplit,
                   prefix: str) -> "EvalRecord":

@@ -53,7 +53,8 @@ def smoke_check(entry: MethodEntry, ctx: SetupContext, train_items, train_transf
             if implements(pm, instance, "fit_features"):
                 with torch.no_grad(), backbone.autocast():
                     first = backbone.encode_image(images.to(backbone.device)).float()
-                    pm.hook.fit_features(features=first[None], labels=labels.to(backbone.device))
+                    pm.hook.fit_features(features=first[None], labels=labels.to(backbone.device), val_features=None,
+                                         val_labels=None)
             module.train()
             train_step(pm, name, module, make_optimizer(params, ctx.recipe, fused=False), backbone, images, labels,
                        extra[0] if extra else [], image_input, 0, None)

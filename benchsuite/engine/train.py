@@ -209,11 +209,16 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
     2SFS: the recipe's epochs are then 0): as many passes over the reshuffled training set as they
     need, the last one cut after exactly ``iterations`` steps, with a cosine learning rate stepped
     per iteration, ``lr * (1 + cos(pi * i / iterations)) / 2`` floored at ``min_lr`` as
-    ``CosineAnnealingLR(T_max=iterations, eta_min=min_lr)`` computes it, and no warm-up."""
+    ``CosineAnnealingLR(T_max=iterations, eta_min=min_lr)`` computes it, and no warm-up. An epoch
+    budget with ``lr_schedule="cosine_per_iteration"`` steps the same cosine over epochs x batches."""
     iterations = int(recipe.get("iterations", 0) or 0)
     steps_per_epoch = len(loader)
     epochs = math.ceil(iterations / steps_per_epoch) if iterations else int(recipe["epochs"])
     budget = f"{iterations} iterations" if iterations else f"{epochs} epochs"
+    # per-iteration cosine: an iteration budget, or an epoch budget with lr_schedule="cosine_per_iteration"
+    # (Tip-Adapter-F: CosineAnnealingLR over epochs x batches per epoch)
+    cosine_steps = iterations or (epochs * steps_per_epoch if recipe.get("lr_schedule") == "cosine_per_iteration"
+                                  else 0)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ContractError(f"method {method!r}, hook setup: the recipe trains for {budget} but the "
@@ -237,7 +242,7 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
                disable=None)
     step = first_epoch * steps_per_epoch
     for epoch in bar:
-        if not iterations:
+        if not cosine_steps:
             lr = epoch_lr(epoch, epochs, recipe["lr"], warmup_epochs=recipe["warmup_epochs"],
                           warmup_lr=recipe["warmup_lr"])
             set_group_lrs(optimizer, lr, recipe, in_warmup=epoch < recipe["warmup_epochs"])
@@ -245,12 +250,12 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
         parts: dict[str, list[torch.Tensor]] = {"loss": []}
         skipped: list[torch.Tensor] = []
         for images, labels, *views in loader:
-            if iterations:
-                if step >= iterations:
-                    break
-                lr = iteration_lr(step, iterations, recipe["lr"], float(recipe.get("min_lr", 0.0)))
+            if iterations and step >= iterations:
+                break
+            if cosine_steps:
+                lr = iteration_lr(step, cosine_steps, recipe["lr"], float(recipe.get("min_lr", 0.0)))
                 set_group_lrs(optimizer, lr, recipe, in_warmup=False)
-                step += 1
+            step += 1
             outputs = train_step(pm, method, module, optimizer, backbone, images, labels,
                                  views[0] if views else [], image_input, epoch, scaler, skipped)
             for key, value in outputs.items():
