@@ -8,8 +8,8 @@ Behaviour followed
   (the official code averages unnormalised features, then normalises); values = one-hot labels.
 - Logits of a test feature f (L2-normalised): ``100 f W + alpha * exp(-beta (1 - f K)) V`` with W the
   zero-shot classifier (the dataset's template, ``_`` -> space, normalised text features), K the
-  cache keys, V the values; ``100`` is the backbone's ``logit_scale`` (exactly 100 for OpenAI's
-  weights, whose log scale is 4.6052).
+  cache keys, V the values; the official code's constant ``100`` (not the backbone's learned scale,
+  which in OpenAI's fp16 release is exp(4.6055) = 100.03).
 - Hyper-parameters: the config's ``init_beta`` / ``init_alpha`` per dataset, then the official grid
   search (``search_step`` [200, 20] over ``[0.1, search_scale)``, first best kept) on the validation
   split, exactly as ``search_hp`` does; Tip-Adapter-F searches with its trained keys.
@@ -66,6 +66,7 @@ CONFIGS: dict[str, tuple[float, float, tuple[float, float], int]] = {
 #: a dataset without an official config (toy datasets, third-party ones) takes ImageNet's
 DEFAULT_CONFIG = CONFIGS["imagenet"]
 SEARCH_STEPS = (200, 20)  # every official config
+CLIP_SCALE = 100.0  # the official `100. * features @ clip_weights`
 
 
 def search_grid(scale: float, steps: int) -> list[float]:
@@ -128,7 +129,7 @@ class TipAdapter(Method):
 
     def logits(self, features: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, beta: float,
                alpha: float) -> torch.Tensor:
-        clip = self.backbone.logit_scale * features @ weights.t()
+        clip = CLIP_SCALE * features @ weights.t()
         return clip + cache_logits(self.affinity(features), values, beta) * alpha
 
     def search(self, val_features, val_labels) -> None:
@@ -171,7 +172,7 @@ class TipAdapter(Method):
         with self.backbone.fp32():
             features = F.normalize(batch.image_features.float(), dim=-1)
             if self.eval_values is None:  # no cached class among these: zero-shot CLIP
-                return self.backbone.logit_scale * features @ self.eval_weights.t()
+                return CLIP_SCALE * features @ self.eval_weights.t()
             return self.logits(features, self.eval_weights, self.eval_values, self.eval_beta, self.eval_alpha)
 
 
