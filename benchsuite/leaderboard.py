@@ -333,7 +333,8 @@ def _sections(items: list[_Item], refs: list[Reference] = (), opts: Options = Op
         metrics = {k: float(v["accuracy"]) for k, v in r["metrics"].items()}
         tree[job["protocol"]["id"]][_backbone(r)][job["shots"]][_row_key(r)][job["dataset"]][job["seed"]] = metrics
     marks = {_row_key(i.result): declaration_suffix(i.result["method"].get("extra_knowledge", ()),
-                                                    i.result["method"].get("transductive", False)) for i in items}
+                                                    i.result["method"].get("transductive", False),
+                                                    i.result["method"].get("setting", "inductive")) for i in items}
     rows = build_rows(i.result for i in items)
     out = []
     for pid in sorted(set(tree) | {r.protocol for r in refs}, key=_protocol_order):

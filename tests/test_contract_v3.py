@@ -95,6 +95,9 @@ def test_the_setting_is_recorded_and_an_unknown_one_is_refused(with_methods, tmp
     assert code == 0, text
     (result,) = results.values()
     assert result["method"]["setting"] == "external-text"
+    board = tmp_path / "board.md"
+    code, out, err = run_quiet(["leaderboard", "--results", str(tmp_path / "r"), "--out", str(board), "--no-plots"])
+    assert r"external \[external-text\]" in board.read_text(), out + err  # marked (markdown-escaped) on the board, never silently ranked
     code, text, _ = _run(tmp_path, tiny_checkpoint, data_root, "bad_setting", name="bad")
     assert code != 0 and "setting 'semi-supervised' is not one of inductive" in text and "Traceback" not in text
 

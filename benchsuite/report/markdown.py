@@ -79,10 +79,12 @@ def _parts(p: Protocol, values: dict[str, float], fmt: Callable[[str, float], st
     return " / ".join(fmt(k, values[k]) for k in keys)
 
 
-def declaration_suffix(extra: Sequence[str], transductive: bool) -> str:
-    """What a row's label carries so extra knowledge or transduction is never ranked silently."""
+def declaration_suffix(extra: Sequence[str], transductive: bool, setting: str = "inductive") -> str:
+    """What a row's label carries so extra knowledge, transduction or a non-inductive setting
+    (Method.setting: teacher-distilled, external-text) is never ranked silently."""
     marks = [f"extra knowledge: {', '.join(extra)}"] if extra else []
-    marks += ["transductive"] if transductive else []
+    marks += ["transductive"] if transductive or setting == "transductive" else []
+    marks += [setting] if setting not in ("inductive", "transductive") else []
     return f" [{'; '.join(marks)}]" if marks else ""
 
 
@@ -208,7 +210,8 @@ def reported_table(p: Protocol, refs: Sequence[Reference]) -> str:
     body = []
     for r in refs:
         source = r.source + (f" ({r.note})" if r.note else "")
-        body.append([f"{r.label} (reported)" + declaration_suffix(r.extra_knowledge, r.transductive),
+        body.append([f"{r.label} (reported)" + declaration_suffix(r.extra_knowledge, r.transductive,
+                                                                       getattr(r, "setting", "inductive")),
                      *(_reported_cell(p, r, n) for n in names), _reported_cell(p, r, "average"), r.seeds, source])
     return _table(_headers(p, "Method", names, "Seeds", "Source"), body)
 

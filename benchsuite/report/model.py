@@ -40,6 +40,12 @@ class Row:
         return any(r["method"].get("transductive", False) for r in self.results)
 
     @property
+    def setting(self) -> str:
+        """The declared setting (contract v3); results before it was recorded read as inductive."""
+        settings = sorted({r["method"].get("setting", "inductive") for r in self.results})
+        return "+".join(settings) if settings else "inductive"
+
+    @property
     def declared(self) -> bool:
         return all("transductive" in r["method"] for r in self.results)
 

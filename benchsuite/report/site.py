@@ -83,7 +83,7 @@ def _measured_table(p: Protocol, rows: Sequence[Row], refs: Sequence[Reference],
                              f"{d:.4f}"))
         seeds = sorted({s for n in r.average_names for s in r.seed_cells(n)})
         cells.append(_td(_e(len(seeds)), str(len(seeds))))
-        decl = declaration_suffix(r.extra_knowledge, r.transductive).strip(" []") or ("inductive" if r.declared else "not declared")
+        decl = declaration_suffix(r.extra_knowledge, r.transductive, r.setting).strip(" []") or ("inductive" if r.declared else "not declared")
         cells.append(_td(_e(decl), decl, "text"))
         body.append(f'<tr data-backbone="{_e(backbone)}" data-family="{_e(family.get(r.method, "other"))}">{"".join(cells)}</tr>')
     return _table(head, body)
