@@ -15,7 +15,7 @@ TEN = {"zeroshot_clip", "coop", "cocoop", "prograd", "kgcoop", "proda", "maple",
 
 def test_shipped_references_cover_the_ten_methods_and_validate():
     rows = load_references(FOLDER)
-    assert {r.method for r in rows} == TEN
+    assert TEN <= {r.method for r in rows}  # the adapter family adds its own
     for path in FOLDER.glob("*.json"):
         assert problems(json.loads(path.read_text())) == [], path.name
     # the spec's UNCONFIRMED numbers are carried with their flag
