@@ -31,14 +31,14 @@ from .clip.backbone import Backbone
 from .data import loaders
 from .data.datum import Datum
 from .data.transforms import train_transform
-from .engine.recipe import Overrides, declarations, resolve_recipe, validate_overrides
+from .engine.recipe import Overrides, declarations, resolve_recipe, trains, validate_overrides
 from .errors import BenchsuiteError
 from .engine.runner import _peak_memory
 from .engine.evaluate import compute_features, evaluate, feature_batches, image_batches
 from .engine.train import make_optimizer, train_step
 from .clip.layer_prompts import LayerPrompts, clamp_depth
 from .hookspecs import SetupContext
-from .methods import get_method, job_manager
+from .methods import get_method, implements, job_manager
 from .protocols import Protocol, load_protocol
 
 #: Caltech101 class names in CoOp's label order (the default benchmark shapes: 50 base classes).
@@ -112,6 +112,17 @@ def _timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def bench_classnames(protocol: Protocol, n: int | None = None) -> list[str]:
+    """Caltech101's class names (the base half for base2new), or `n` of them (numbered repeats past
+    101), so that a step is timed on a given number of classes."""
+    if n is None:
+        return list(CALTECH101[: math.ceil(len(CALTECH101) / 2)] if protocol.task == "base2new" else CALTECH101)
+    if n < 1:
+        raise BenchsuiteError(f"bench needs at least one class, got {n}")
+    k = len(CALTECH101)
+    return [CALTECH101[i % k] + (f" {i // k}" if i >= k else "") for i in range(n)]
+
+
 def bench_backbone(protocol: Protocol, backbone: str | None, pretrained: str | None) -> tuple[str, str]:
     """The model `bench` builds: the one given, else the protocol's own (toy protocols name their small
     CLIP, as `run` follows it), else ViT-B-16 with random weights (no download)."""
@@ -167,25 +178,41 @@ def _coop_step(backbone: Backbone, ctx: SetupContext, images: torch.Tensor, labe
 def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *, dataset: str = "caltech101",
               warmup: int = 2, iters: int = 5, eval_images: int = 200, workers: int | None = None,
               seed: int = 0, progress: bool = False, overrides: Overrides | None = None,
-              compare: Overrides | None = None, straightforward: bool = True) -> dict[str, Any]:
+              compare: Overrides | None = None, straightforward: bool = True,
+              n_classes: int | None = None) -> dict[str, Any]:
     """Measure floor, training step (fast and straightforward), evaluation and data pipeline.
 
     ``overrides`` change the recipe as ``run --set`` does; ``compare`` (more recipe overrides, on top
     of them) times a second instance of the method in alternation with the first, e.g. a method's
     own benchmark switch (CoCoOp's ``batched_text=false``: its per-image loop); ``straightforward``
-    False skips the step with the fast paths off (it costs the most on large text batches).
+    False skips the step with the fast paths off (it costs the most on large text batches);
+    ``n_classes`` times that many classes instead of Caltech101's (`benchsuite plan` times a grid's
+    own shapes: a text-prompt step costs in proportion to its classes).
     """
     bar = _Progress(progress)
     try:
         return _run_bench(backbone, method, protocol_id, dataset, warmup, iters, eval_images, workers, seed, bar,
-                          overrides or {}, compare or {}, straightforward)
+                          overrides or {}, compare or {}, straightforward, n_classes)
     finally:
         bar.close()
 
 
+def _fit(pm, entry, backbone: Backbone, n_classes: int, shots: int) -> None:
+    """What `run` does between setup and training for a method with `fit_features`: here on random
+    features of the shape a job hands it (shots x classes images, `fit_views` views), since bench
+    times the step, not the fit."""
+    if not implements(pm, pm.get_plugin(f"method:{entry.name}"), "fit_features"):
+        return
+    n, device = shots * n_classes, backbone.device
+    features = torch.randn(int(entry.cls.fit_views), n, backbone.embed_dim, device=device)
+    labels = torch.arange(n_classes, device=device).repeat_interleave(shots)
+    with torch.no_grad():
+        pm.hook.fit_features(features=features, labels=labels, val_features=None, val_labels=None)
+
+
 def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, warmup: int, iters: int,
                eval_images: int, workers: int | None, seed: int, bar: _Progress, overrides: Overrides,
-               compare: Overrides, straightforward: bool) -> dict[str, Any]:
+               compare: Overrides, straightforward: bool, n_classes: int | None = None) -> dict[str, Any]:
     protocol = load_protocol(protocol_id)
     entry = get_method(method)
     pm, _ = job_manager(entry)
@@ -196,12 +223,13 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
     overrides = validate_overrides(overrides, {method: [unchanged]})
     compare = validate_overrides(compare, {method: [unchanged]}, flag="--compare")
     recipe, changed = resolve_recipe(method, default, protocol.profile, overrides, **declarations(entry.cls))
-    classnames = CALTECH101[: math.ceil(len(CALTECH101) / 2)] if protocol.task == "base2new" else CALTECH101
+    classnames = bench_classnames(protocol, n_classes)
     device = backbone.device
     torch.manual_seed(seed)
     ctx = SetupContext(backbone=backbone, classnames=classnames, dataset=dataset, template="a photo of a {}.",
                        recipe=recipe, protocol=protocol, shots=shots, seed=seed, device=device)
     module = pm.hook.setup(ctx=ctx).to(device)
+    _fit(pm, entry, backbone, len(classnames), shots)
     variant = None
     if compare:
         merged: Overrides = {k: dict(v) for k, v in overrides.items()}
@@ -219,6 +247,7 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
         torch.manual_seed(seed)
         variant_ctx = SetupContext(**{**ctx.__dict__, "recipe": variant_recipe})
         variant = (variant_pm, variant_pm.hook.setup(ctx=variant_ctx).to(device))
+        _fit(variant_pm, entry, backbone, len(classnames), shots)
     batch = int(recipe["batch_size"])
     size = backbone.image_spec.size
     images = torch.randn(batch, 3, size, size, device=device)
@@ -241,7 +270,7 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
     if variant is not None:
         out["compare_overrides"] = variant_changed
     params = [p for p in module.parameters() if p.requires_grad]
-    if recipe["epochs"] > 0 and params:
+    if trains(recipe) and params:
         optimizer = make_optimizer(params, recipe)
         truncate = backbone.truncate_text
 

@@ -96,6 +96,7 @@ def test_both_run_base_to_new_and_score_new_classes_as_zero_shot(tmp_path, tiny_
         assert results[name]["metrics"]["new"]["accuracy"] == zero_shot
     tip, tipf = results["tip_adapter"], results["tip_adapter_f"]
     assert tip["method"]["trainable_params"] == 0 and tip["timing"]["train_images"] == 0
+    assert tip["timing"]["fit_seconds"] > 0 and "fit_seconds" not in results["zeroshot_clip"]["timing"]
     n, width = tipf["data"]["train"]["n_images"], 32  # bs-tiny-test's embedding width
     assert tipf["method"]["trainable_params"] == n * width  # the cache keys, nothing else
     assert tipf["method"]["recipe"]["optimizer"] == "adamw"

@@ -378,8 +378,9 @@ class Runner:
         if not isinstance(module, torch.nn.Module):
             raise ContractError(f"method {job.method!r}, hook setup: must return an nn.Module, got {type(module).__name__}")
         module.to(b.device)
+        fit_seconds = None
         if implements(pm, pm.get_plugin(f"method:{entry.name}"), "fit_features"):
-            self._fit_features(pm, entry, train_split, prefix)
+            fit_seconds = self._fit_features(pm, entry, train_split, prefix)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         trained = TrainRecord()
         if trains(recipe):
@@ -409,7 +410,8 @@ class Runner:
                        "eval_images_per_second": (evaluated.images / evaluated.seconds if evaluated.seconds > 0
                                                   else 0.0),
                        "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": trained.shared_from,
-                       "train_resumed": trained.resumed, "eval_feature_cache": evaluated.feature_cache},
+                       "train_resumed": trained.resumed, "eval_feature_cache": evaluated.feature_cache,
+                       **({"fit_seconds": fit_seconds} if fit_seconds is not None else {})},
             "training": {"loss_per_epoch": trained.losses, "skipped_steps": trained.skipped_steps,
                          "min_batch_size": int(entry.cls.min_batch_size), "epoch_scale": epoch_scale},
             "environment": self._env,
@@ -448,11 +450,17 @@ class Runner:
         return TrainRecord(stats.seconds, stats.images, stats.cpu_seconds, stats.losses,
                            skipped_steps=stats.skipped_steps, resumed=ckpt.resumed)
 
-    def _fit_features(self, pm, entry: MethodEntry, train_split: FewShotSplit, prefix: str) -> None:
+    def _fit_features(self, pm, entry: MethodEntry, train_split: FewShotSplit, prefix: str) -> float:
         """Hand a method the frozen features of its training images under `fit_views` augmented
         views (hook fit_features): one encoder pass per image and view, in the job's seeded stream
-        (in-process loading, so the draws do not depend on the number of workers)."""
+        (in-process loading, so the draws do not depend on the number of workers). Returns the
+        seconds it took, features and fit (recorded as timing.fit_seconds)."""
+        import time
+
         b = self.backbone
+        if b.device.type == "cuda":
+            torch.cuda.synchronize(b.device)
+        start = time.perf_counter()
         views = int(entry.cls.fit_views)
         if views < 1:
             raise ContractError(f"method {entry.name!r}: fit_views must be at least 1, got {views}")
@@ -469,6 +477,9 @@ class Runner:
         with torch.no_grad(), b.autocast():
             pm.hook.fit_features(features=features, labels=drawn[0][1].to(b.device), val_features=val_features,
                                  val_labels=val_labels)
+        if b.device.type == "cuda":
+            torch.cuda.synchronize(b.device)
+        return time.perf_counter() - start
 
     def _evaluate(self, job: Job, pm, module: torch.nn.Module, image_input: str, split: FewShotSplit,
                   prefix: str) -> "EvalRecord":
