@@ -35,3 +35,17 @@ def tiny_backbone(tiny_checkpoint):
 def data_root(tmp_path_factory) -> Path:
     """All 15 datasets in their real layouts, tiny images; shared read-only by the tests."""
     return make_data_root(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def with_methods(monkeypatch):
+    """Make discovery list test-local method classes beside the installed ones (as a third-party
+    distribution "tests-dist" 0.0 would provide them)."""
+    import benchsuite.methods as methods_module
+    from benchsuite.methods import MethodEntry, discover
+
+    def install(*classes):
+        found = {**discover(), **{cls.name: MethodEntry(cls.name, cls, "tests-dist", "0.0", cls.name)
+                                  for cls in classes}}
+        monkeypatch.setattr(methods_module, "discover", lambda: found)
+    return install

@@ -13,29 +13,23 @@ from torch import nn
 
 from benchsuite.clip.integrity import backbone_print, changes
 from benchsuite.clip.lora import ExplicitAttention, LoRABranch, apply_lora, lora_parameters, lora_scaling
-from benchsuite.engine.recipe import HARNESS_DEFAULTS, resolve_recipe
+from benchsuite.engine.recipe import resolve_recipe
 from benchsuite.engine.train import make_optimizer
 from benchsuite.errors import BenchsuiteError
-from benchsuite.hookspecs import EvalBatch, SetupContext, TrainBatch
-from benchsuite.methods import get_method, job_manager
-from benchsuite.protocols import load_protocol
+from benchsuite.hookspecs import EvalBatch, TrainBatch
 from benchsuite_plugins.clip_lora import ClipLoRA
+from method_setup import build, default_recipe
 from test_run import load_results, run_quiet
 
 CLASSNAMES = ["annual_crop", "forest", "highway"]
 
 
 def recipe(protocol: str = "few_shot", dataset: str = "dtd", shots: int = 16) -> dict:
-    pm, _ = job_manager(get_method("clip_lora"))
-    return pm.hook.recipe(protocol=load_protocol(protocol), dataset=dataset, shots=shots)
+    return default_recipe("clip_lora", protocol, dataset, shots)
 
 
 def setup_method(backbone, classnames=CLASSNAMES, **overrides):
-    method = ClipLoRA()
-    r = {**HARNESS_DEFAULTS, **recipe(), "image_input": "images", **overrides}
-    ctx = SetupContext(backbone=backbone, classnames=classnames, dataset="eurosat", template="{} texture.",
-                       recipe=r, protocol=load_protocol("few_shot"), shots=16, seed=1, device=torch.device("cpu"))
-    return method, method.setup(ctx), r
+    return build(ClipLoRA, backbone, classnames, **overrides)
 
 
 # ---- explicit attention -------------------------------------------------------------------------

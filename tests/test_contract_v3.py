@@ -3,32 +3,19 @@ backbone copy for methods that train encoder parts, and frozen training features
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import benchsuite.methods as methods_module
 from benchsuite.clip.integrity import backbone_print, changes
 from benchsuite.engine.train import make_optimizer, parameter_groups, set_group_lrs
 from benchsuite.errors import ContractError
 from benchsuite.hookspecs import PROJECT, LabelSpace, MethodSpec, hookimpl
-from benchsuite.methods import MethodEntry, discover
 from benchsuite_plugins.zeroshot_clip import ZeroshotCLIP
 from test_run import load_results, run_quiet
 
 
-def _entry(cls) -> MethodEntry:
-    return MethodEntry(cls.name, cls, "tests-dist", "0.0", cls.name)
-
-
-@pytest.fixture
-def with_methods(monkeypatch):
-    def install(*classes):
-        found = {**discover(), **{cls.name: _entry(cls) for cls in classes}}
-        monkeypatch.setattr(methods_module, "discover", lambda: found)
-    return install
 
 
 def _run(tmp_path, tiny_checkpoint, data_root, method: str, *extra: str, name: str = "r"):

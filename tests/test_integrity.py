@@ -12,7 +12,7 @@ from torch import nn
 
 import benchsuite.methods as methods_module
 from benchsuite.clip.integrity import backbone_print, changes
-from benchsuite.hookspecs import Method, hookimpl
+from benchsuite.hookspecs import hookimpl
 from benchsuite.methods import MethodEntry, discover
 from benchsuite.results.store import ResultStore, dump_json, read_json
 from benchsuite.results.validate import validate_files, validate_result
@@ -20,17 +20,6 @@ from benchsuite_plugins.zeroshot_clip import ZeroshotCLIP
 from test_run import load_results, result_files, run_quiet
 
 
-def _entry(cls) -> MethodEntry:
-    return MethodEntry(cls.name, cls, "tests-dist", "0.0", cls.name)
-
-
-@pytest.fixture
-def with_methods(monkeypatch):
-    """The installed methods plus test-local ones, as discovery would list them."""
-    def install(*classes):
-        found = {**discover(), **{cls.name: _entry(cls) for cls in classes}}
-        monkeypatch.setattr(methods_module, "discover", lambda: found)
-    return install
 
 
 def _args(tmp_path, tiny_checkpoint, data_root, name: str, methods: str, cache: str | None = None) -> list[str]:

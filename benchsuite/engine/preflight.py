@@ -28,10 +28,12 @@ from .recipe import Overrides, declarations, resolve_recipe, validate_overrides
 DEVICE_TYPES = ("cpu", "cuda")
 
 
-def check_device(name: str) -> None:
-    """`--device` must name a device benchsuite runs on (`tpu` is a clear error, not a traceback)."""
+def device_type(name: str) -> str | None:
+    """The type (cpu, cuda) of the device `--device` names, None for auto, or one clear error for a
+    device benchsuite does not run on (`tpu`), not a traceback. Whether CUDA is present is not
+    checked here (`benchsuite plan` plans GPU grids on a login node)."""
     if name == "auto":
-        return
+        return None
     import torch
 
     try:
@@ -40,6 +42,13 @@ def check_device(name: str) -> None:
         device = None
     if device is None or device.type not in DEVICE_TYPES:
         raise BenchsuiteError(f"--device {name}: not a device benchsuite runs on; use auto, cpu, cuda or cuda:N")
+    return device.type
+
+
+def check_device(name: str) -> None:
+    """`--device` must name a device benchsuite runs on, and CUDA must be present when asked for."""
+    if device_type(name) is None:
+        return
     from ..clip.backbone import resolve_device
 
     resolve_device(name)  # CUDA asked for but absent: its own clear error

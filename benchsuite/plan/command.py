@@ -16,23 +16,15 @@ from .report import duration, figure_notes, hours, table, training_notes
 from .reuse import exact_reuse, recipe_reuse
 from .work import JobWork, grid_work
 
-DEVICE_TYPES = ("cpu", "cuda")
-
-
 def plan_device(name: str) -> str:
     """The device type the plan is for. CUDA need not be present here: a plan for a GPU grid can be
     made on a login node from cached or bench JSON figures."""
     import torch
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:
-        raise BenchsuiteError(f"--device {name}: not a device benchsuite runs on; use auto, cpu, cuda or cuda:N")
-    return device.type
+    from ..engine.preflight import device_type
+
+    kind = device_type(name)
+    return kind if kind is not None else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_measurable(name: str, device: str) -> None:
