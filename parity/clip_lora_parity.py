@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from official_import import official_runtime  # noqa: E402
+from official_import import official_runtime, recording_functional  # noqa: E402
 from tiny_clip import benchsuite_backbone, make_state_dict, official_model, report  # noqa: E402
 
 from benchsuite.clip.lora import ExplicitAttention  # noqa: E402
@@ -148,18 +148,7 @@ def run_official(root: Path, state, values, bank, batches, test):
         seen["model"] = model
         return layers
 
-    def cross_entropy(logits, target, *a, **k):
-        loss = torch.nn.functional.cross_entropy(logits, target, *a, **k)
-        seen["ce"].append((logits.detach().clone(), loss.detach().clone()))
-        return loss
-
-    def cls_acc(output, target, topk=1):
-        seen["acc"].append(output.detach().clone())
-        return 0.0
-
-    functional = types.SimpleNamespace(**{n: getattr(torch.nn.functional, n) for n in dir(torch.nn.functional)
-                                          if not n.startswith("__")})
-    functional.cross_entropy = cross_entropy
+    functional, cls_acc = recording_functional(seen)
     lora.apply_lora, lora.F, lora.cls_acc = apply_and_fix, functional, cls_acc
     lora.tqdm = lambda x, *a, **k: x
     args = types.SimpleNamespace(encoder="both", position="all", params=list(TARGETS), r=2, alpha=1,

@@ -125,3 +125,22 @@ def bare_trainer(trainer_cls: type, model: torch.nn.Module, config: SimpleNamesp
     trainer.optim = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, dampening=0, nesterov=False)
     trainer.batch_idx, trainer.num_batches, trainer.update_lr = 0, 1, lambda: None
     return trainer
+
+
+def recording_functional(seen: dict) -> tuple[types.SimpleNamespace, object]:
+    """A stand-in for an official module's ``F`` (``torch.nn.functional``) whose ``cross_entropy``
+    appends (logits, loss) to ``seen["ce"]``, and a ``cls_acc`` that appends its logits to
+    ``seen["acc"]``: how parity scripts observe an official training loop they run unchanged."""
+    def cross_entropy(logits, target, *args, **kwargs):
+        loss = torch.nn.functional.cross_entropy(logits, target, *args, **kwargs)
+        seen["ce"].append((logits.detach().clone(), loss.detach().clone()))
+        return loss
+
+    def cls_acc(output, target, topk=1):
+        seen["acc"].append(output.detach().clone())
+        return 0.0
+
+    functional = types.SimpleNamespace(**{n: getattr(torch.nn.functional, n) for n in dir(torch.nn.functional)
+                                          if not n.startswith("__")})
+    functional.cross_entropy = cross_entropy
+    return functional, cls_acc

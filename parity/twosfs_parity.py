@@ -38,7 +38,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from official_import import official_runtime  # noqa: E402
+from official_import import official_runtime, recording_functional  # noqa: E402
 from tiny_clip import benchsuite_backbone, make_state_dict, official_model, relative_error, report  # noqa: E402
 
 from benchsuite.engine.recipe import HARNESS_DEFAULTS  # noqa: E402
@@ -122,18 +122,7 @@ def official_run(root: Path, state, batches, tests, harness_schedule: bool):
         seen["model"] = model
         return model, params
 
-    def cross_entropy(logits, target, *a, **k):
-        loss = torch.nn.functional.cross_entropy(logits, target, *a, **k)
-        seen["ce"].append((logits.detach().clone(), loss.detach().clone()))
-        return loss
-
-    def cls_acc(output, target, topk=1):
-        seen["acc"].append(output.detach().clone())
-        return 0.0
-
-    functional = types.SimpleNamespace(**{n: getattr(torch.nn.functional, n) for n in dir(torch.nn.functional)
-                                          if not n.startswith("__")})
-    functional.cross_entropy = cross_entropy
+    functional, cls_acc = recording_functional(seen)
     twostage.F, twostage.cls_acc = functional, cls_acc
     twostage.tokenize_texts = lambda template, classnames, device="cpu": tokenize(template, classnames, device="cpu")
     twostage.prepare_for_first_stage = prepare_and_record

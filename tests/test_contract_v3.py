@@ -317,3 +317,15 @@ def test_bad_iteration_budgets_are_one_line(setting, message, with_methods, tmp_
     with_methods(CountsSteps)
     code, text, _ = _run(tmp_path, tiny_checkpoint, data_root, "counts_steps", "--set", setting)
     assert code == 2 and message in text and "Traceback" not in text, text
+
+
+def test_a_generic_epochs_setting_turns_an_iteration_budget_into_epochs(with_methods, tmp_path, tiny_checkpoint,
+                                                                        data_root):
+    """`--set epochs=2` (every trained method) trains an iteration-budget method for 2 epochs, as it
+    does every other method, instead of refusing the run."""
+    with_methods(CountsSteps)
+    code, text, results = _run(tmp_path, tiny_checkpoint, data_root, "counts_steps", "--set", "epochs=2")
+    assert code == 0, text
+    (result,) = results.values()
+    assert (result["method"]["recipe"]["epochs"], result["method"]["recipe"]["iterations"]) == (2, 0)
+    assert len(result["training"]["loss_per_epoch"]["loss"]) == 2

@@ -3,6 +3,8 @@ statistics, calibration, cost, declarations, plot data under --check, and `bench
 
 from __future__ import annotations
 
+import re
+
 import json
 from pathlib import Path
 
@@ -47,7 +49,7 @@ def test_real_leaderboard_without_measured_rows_shows_the_reported_rows_apart():
     assert "### Reported: ViT-B-16 · openai, 16 shots (published numbers, not measured by benchsuite)" in md
     assert "| CoOp (CoCoOp's run) (reported) | 76.47 / 67.88 / 71.92" in md
     assert "77.02 / 66.66 / 71.46‡" in md  # ProGrad's per-dataset numbers are UNCONFIRMED in the spec
-    assert "| 82.48 / 70.75 / 76.16 |" in md  # ... its average is confirmed (KgCoOp README)
+    assert re.search(r"\| 82\.48 / 70\.75 / 76\.16 +\|", md)  # ... its average is confirmed (KgCoOp README)
 
 
 def test_delta_to_the_published_number_is_flagged_outside_the_seed_interval():

@@ -238,6 +238,8 @@ def resolve_recipe(method: str, method_recipe: dict[str, Any] | None, profile: d
     base = {**HARNESS_DEFAULTS, "image_input": image_input, **(method_recipe or {})}
     recipe = apply_profile(base, profile, epoch_settings)
     changes = dict(overrides.get(None, {})) if trains(recipe) else {}
+    if changes.get("epochs") and recipe.get("iterations") and "iterations" not in changes:
+        changes["iterations"] = 0  # `--set epochs=N` for every method: an iteration budget becomes N epochs
     changes.update(overrides.get(method, {}))
     changed = {k: v for k, v in changes.items() if recipe.get(k, object()) != v}
     resolved = {**recipe, **changes}
