@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchsuite.data.registry import format_template
 from benchsuite.engine.recipe import coop_few_shot_epochs
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
@@ -92,8 +91,7 @@ class CLIPAdapter(Method):
         return {"epochs": epochs, "batch_size": 32, "lr": 0.002, "ratio": 0.2, "reduction": 4}
 
     def class_text_features(self, classnames: list[str], template: str) -> torch.Tensor:
-        texts = [format_template(template, name) for name in classnames]
-        return F.normalize(self.backbone.encode_text(texts).float(), dim=-1)
+        return self.backbone.template_classifier(classnames, template)
 
     @hookimpl
     def setup(self, ctx: SetupContext) -> nn.Module:

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchsuite.data.registry import clean_classname, format_template
+from benchsuite.data.registry import clean_classname
 from benchsuite.errors import BenchsuiteError
 from benchsuite.hookspecs import EvalBatch, LabelSpace, Method, SetupContext, hookimpl
 
@@ -90,7 +90,7 @@ def text_classifier(backbone, classnames: list[str], templates: tuple[str, ...])
     (``clip_classifier``); one text-encoder call per template."""
     total = None
     for template in templates:
-        feats = F.normalize(backbone.encode_text([format_template(template, c) for c in classnames]).float(), dim=-1)
+        feats = backbone.template_classifier(classnames, template)
         total = feats if total is None else total + feats
     return F.normalize(total / len(templates), dim=-1)
 

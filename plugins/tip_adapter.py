@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchsuite.data.registry import format_template
 from benchsuite.hookspecs import EvalBatch, LabelSpace, Method, SetupContext, TrainBatch, hookimpl
 
 #: the official ``configs/<dataset>.yaml``: (init_beta, init_alpha, search_scale, train_epoch)
@@ -109,8 +108,7 @@ class TipAdapter(Method):
 
     def zero_shot_weights(self, classnames: list[str], template: str) -> torch.Tensor:
         """The official ``clip_classifier`` for one template: normalised text features [C, D]."""
-        texts = [format_template(template, name) for name in classnames]
-        return F.normalize(self.backbone.encode_text(texts).float(), dim=-1)
+        return self.backbone.template_classifier(classnames, template)
 
     @hookimpl
     def fit_features(self, features: torch.Tensor, labels: torch.Tensor, val_features, val_labels) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchsuite.data.registry import format_template
 from benchsuite.hookspecs import EvalBatch, Method, SetupContext, hookimpl
 
 
@@ -40,8 +39,7 @@ class ZeroshotCLIP(Method):
 
     @hookimpl
     def prepare_eval(self, classnames: list[str], dataset: str, template: str) -> None:
-        texts = [format_template(template, name) for name in classnames]
-        self.text_features = F.normalize(self.backbone.encode_text(texts).float(), dim=-1)
+        self.text_features = self.backbone.template_classifier(classnames, template)
 
     @hookimpl
     def predict(self, batch: EvalBatch) -> torch.Tensor:

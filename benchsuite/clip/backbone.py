@@ -298,6 +298,15 @@ class Backbone:
                                       truncate=self.truncate_text, eot_device=eot_device)
 
     @torch.no_grad()
+    def template_classifier(self, classnames: list[str], template: str) -> torch.Tensor:
+        """Zero-shot CLIP's classifier: the L2-normalised fp32 frozen text features of ``template``
+        filled with each class name (cleaned, ``_`` -> space), [C, D]; what zero-shot CLIP and the
+        adapter family score against."""
+        from ..data.registry import format_template
+
+        texts = [format_template(template, name) for name in classnames]
+        return torch.nn.functional.normalize(self.encode_text(texts).float(), dim=-1)
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Frozen features of plain texts (zero-shot classifiers, teachers), not normalised."""
         tokens = self.tokenize(texts)
