@@ -199,25 +199,14 @@ class TipAdapterF(TipAdapter):
         self.keys_module = Keys(self.beta, self.alpha)
         return self.keys_module
 
-    @property
-    def beta(self) -> float:
-        return float(self.keys_module.searched[0]) if hasattr(self, "keys_module") else self._beta
+    def search(self, val_features, val_labels) -> None:
+        super().search(val_features, val_labels)
+        self.keys_module.searched.copy_(torch.tensor([self.beta, self.alpha], dtype=torch.float64))
 
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self._beta = value
-        if hasattr(self, "keys_module"):
-            self.keys_module.searched[0] = value
-
-    @property
-    def alpha(self) -> float:
-        return float(self.keys_module.searched[1]) if hasattr(self, "keys_module") else self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._alpha = value
-        if hasattr(self, "keys_module"):
-            self.keys_module.searched[1] = value
+    @hookimpl
+    def prepare_eval(self, classnames: list[str], dataset: str, template: str, label_space: LabelSpace) -> None:
+        self.beta, self.alpha = self.keys_module.searched.tolist()  # a training shared or resumed carries them
+        super().prepare_eval(classnames, dataset, template, label_space)
 
     def set_cache_keys(self, keys: torch.Tensor) -> None:
         self.keys_module.weight = nn.Parameter(keys.clone())
