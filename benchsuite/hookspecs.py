@@ -23,7 +23,8 @@ A job runs, in this order::
                                                   backward, prepare_eval and predict on a few images;
                                                   RNG restored, nothing of it reaches the real job
     setup(ctx)                                 -> nn.Module holding everything learnable (moved to
-                                                  the device by the harness)
+                                                  the device by the harness); ctx.trained_dependency(m)
+                                                  trains or loads another method's job first (PromptKD)
     train_views(image_spec)                    -> extra view transforms (default none)
     load_training_state(state)                 (only when the job resumes from an epoch checkpoint:
                                                   after module, optimizer and RNGs are restored)
@@ -148,6 +149,14 @@ class Method:
         descriptions or other text assets, CoPrompt). Recorded in every result as
         ``method.setting`` and shown on the leaderboard, where rows of different settings are
         marked, never ranked together silently.
+    train_data:
+        Which images the harness trains the method on (:data:`TRAIN_DATA`; contract v3):
+        ``"fewshot"`` (default: the protocol's labelled few-shot sample of the training classes) or
+        ``"unlabeled_all"`` (PromptKD's student): every image of the training dataset's train split,
+        of all its classes (a base-to-new job's new classes included), without labels:
+        ``batch.labels`` is all -1, and ``SetupContext.all_classnames`` names every class. The
+        few-shot sample is still drawn (a dependency such as a teacher trains on it); the result
+        records the unlabeled set in ``data.unlabeled``. Declare it in ``extra_knowledge`` too.
     """
 
     name: str = ""
@@ -159,6 +168,11 @@ class Method:
     transductive: bool = False
     setting: str = "inductive"
     fit_views: int = 1
+    train_data: str = "fewshot"
+
+
+#: Values of ``Method.train_data``.
+TRAIN_DATA = ("fewshot", "unlabeled_all")
 
 
 #: Values of ``Method.setting``.
@@ -224,6 +238,29 @@ class SetupContext:
     #: for epoch-indexed settings the method computes itself (the keys in `epoch_settings` are
     #: already scaled in `recipe`)
     epoch_scale: float = 1.0
+    #: every class name of the training dataset, in label order (base2new: base then new classes), given
+    #: only to a method whose ``Method.train_data`` is ``"unlabeled_all"``; None otherwise
+    all_classnames: Optional[list[str]] = None
+    #: the harness's resolver behind :meth:`trained_dependency` (``benchsuite.engine.dependencies``);
+    #: None outside a runner job (unit tests pass their own object with a ``trained(method)`` method)
+    dependencies: Any = None
+
+    def trained_dependency(self, method: str) -> "TrainedDependency":
+        """The trained module of another method's job on the same protocol, dataset, shots, seed and
+        backbone (contract v3; PromptKD's PromptSRC teacher): a two-stage method's stage 2 consumes
+        stage 1. The harness trains that job's module first if it is not stored yet (exactly as the
+        method's own job would train it: its recipe, few-shot sample and seed; the caller's random
+        streams are left untouched), stores it in ``RESULTS/_trained/``, loads it back from the
+        stored file by its sha256, and records the dependency's job id and sha256 in the caller's
+        result (``method.dependencies``). The returned module is frozen and in eval mode; use it
+        through the returned method instance (e.g. ``dep.method.class_text_features()``), and keep
+        it out of the module ``setup`` returns (it is not the caller's to train or save)."""
+        if self.dependencies is None:
+            from .errors import BenchsuiteError
+
+            raise BenchsuiteError(f"method dependency {method!r}: this setup runs outside a benchsuite job, "
+                                  f"which resolves trained dependencies (benchsuite run)")
+        return self.dependencies.trained(method)
 
     def private_backbone(self) -> "Backbone":
         """A copy of the backbone that belongs to this job alone (contract v3), for methods that
@@ -233,6 +270,19 @@ class SetupContext:
         ``trainable_params`` and saves them with the module. The shared ``backbone`` must never be
         changed (the harness checks it after every job and refuses the result of one that did)."""
         return self.backbone.private_copy()
+
+
+@dataclass
+class TrainedDependency:
+    """What :meth:`SetupContext.trained_dependency` returns: the dependency's method instance after
+    its ``setup`` with the stored trained state loaded (frozen, eval mode, on the job's device), its
+    module, and the identity the caller's result records."""
+
+    method: Method                #: the dependency's method instance (its hooks and helpers work on it)
+    module: nn.Module             #: the module its setup returned, holding the loaded trained state
+    job_id: str                   #: the dependency's own job id (what its own result would be filed under)
+    sha256: str                   #: sha256 of the stored trained-state file the module was loaded from
+    trained: bool                 #: True when this call trained it, False when a stored training was loaded
 
 
 @dataclass

@@ -291,11 +291,12 @@ class Backbone:
             return self.model.token_embedding(tokens.to(self.device))
 
     def encode_embeddings(self, embeddings: torch.Tensor, eot: torch.Tensor, *, deep_prompts=None,
-                          eot_device: torch.Tensor | None = None) -> torch.Tensor:
+                          eot_device: torch.Tensor | None = None, block_hook=None, rep_tokens=None) -> torch.Tensor:
         """Prompted text encoder (differentiable w.r.t. `embeddings` and `deep_prompts`); see
-        `encoders.encode_text_embeddings` for `eot` (host) and `eot_device`."""
+        `encoders.encode_text_embeddings` for `eot` (host), `eot_device`, `block_hook` and `rep_tokens`."""
         return encode_text_embeddings(self.model, embeddings.to(self.dtype), eot, deep_prompts=deep_prompts,
-                                      truncate=self.truncate_text, eot_device=eot_device)
+                                      truncate=self.truncate_text, eot_device=eot_device, block_hook=block_hook,
+                                      rep_tokens=rep_tokens)
 
     @torch.no_grad()
     def template_classifier(self, classnames: list[str], template: str) -> torch.Tensor:

@@ -95,10 +95,14 @@ class ClassPrompts(nn.Module):
     frozen words before the class name (MaPLe's leftover "of a", ProGrad's comma quirk).
     The class-dependent tensors are non-persistent buffers: a trained context is evaluated on any other
     class set after :meth:`set_classnames`, and they are never saved with the method's state.
+    ``name_template`` is the text after the prefix, ``{}`` standing for the class name (default
+    ``"{}."``; TCP's per-dataset tails such as ``"{}, a type of pet."``); the "middle" and "front"
+    layouts assume it starts with the name.
     """
 
-    def __init__(self, backbone, n_ctx: int, prefix_text: Optional[str] = None):
+    def __init__(self, backbone, n_ctx: int, prefix_text: Optional[str] = None, *, name_template: str = "{}."):
         super().__init__()
+        self.name_template = name_template
         if n_ctx < 0:
             raise ContractError(f"n_ctx must be >= 0, got {n_ctx}")
         self.backbone = [backbone]  # a list keeps the frozen model out of this module's state
@@ -116,7 +120,7 @@ class ClassPrompts(nn.Module):
         self.classnames = list(classnames)
         names = [clean_classname(c) for c in classnames]
         text = f"{self.prefix_text} " if self.prefix_text else ""
-        tokens = backbone.tokenize([f"{text}{name}." for name in names])
+        tokens = backbone.tokenize([f"{text}{self.name_template.format(name)}" for name in names])
         embedding = backbone.embed_tokens(tokens)
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:], persistent=False)

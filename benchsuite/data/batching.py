@@ -37,17 +37,29 @@ def tail_rule(n: int, batch_size: int, drop_last: bool, min_batch_size: int) -> 
     return sizes
 
 
-class TrainBatchSampler(Sampler[list[int]]):
-    """Shuffled index batches following :func:`tail_rule`."""
+class TrainBatchSampler(Sampler[list]):
+    """Shuffled index batches following :func:`tail_rule`; with `keyed`, batches of
+    ``(epoch, index)`` keys for the augmentation stream, the epoch set by :meth:`set_epoch`."""
 
-    def __init__(self, data: Sized, batch_size: int, *, drop_last: bool = False, min_batch_size: int = 1):
+    def __init__(self, data: Sized, batch_size: int, *, drop_last: bool = False, min_batch_size: int = 1,
+                 keyed: bool = False):
         self.sampler = RandomSampler(data)
         self.sizes = tail_rule(len(data), batch_size, drop_last, min_batch_size)
+        self.keyed = keyed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.sizes)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def index_batches(self) -> Iterator[list[int]]:
+        """One epoch's shuffled sample indices, batch by batch."""
         order = iter(self.sampler)
         for size in self.sizes:
             yield [next(order) for _ in range(size)]
+
+    def __iter__(self) -> Iterator[list]:
+        for batch in self.index_batches():
+            yield [(self.epoch, i) for i in batch] if self.keyed else batch

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from ..data.stream import STREAM_VERSION
 from ..errors import BenchsuiteError
 from ..protocols import Protocol
 from ..suggest import did_you_mean
@@ -49,12 +50,14 @@ def job_id(job: Job, config_hash: str, backbone: dict[str, Any], data: str, *, p
     """Identity of a job's result: everything that must match for a result to be reused, including
     `data`, a digest of the split lists of every dataset the job reads (changed data, new job), and
     `plugin`, the (distribution, version) providing the method: after a plugin upgrade its jobs
-    run again instead of silently reusing results of the old code."""
+    run again instead of silently reusing results of the old code; and the augmentation stream's
+    version (a result drawn from another stream is another run)."""
     key = {
         "protocol": job.protocol.ref(), "method": job.method, "config_hash": config_hash,
         "dataset": job.dataset, "shots": job.shots, "seed": job.seed, "data": data,
         "backbone": {k: backbone[k] for k in ("model", "pretrained", "weights_sha256", "precision")},
         "plugin": {"distribution": plugin[0], "version": plugin[1]},
+        "augmentation_stream": STREAM_VERSION,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

@@ -27,6 +27,8 @@ from .. import __version__
 from ..clip.backbone import Backbone
 from ..clip.integrity import backbone_print, changes
 from ..data import loaders
+from ..data.batching import TrainBatchSampler
+from ..data.stream import STREAM_VERSION
 from ..data.datum import DatasetSplits, fingerprint
 from ..data.fewshot import FewShotSplit, ManifestStore, sample_fewshot, subsample_classes
 from ..data.registry import get_dataset, load_dataset
@@ -42,8 +44,10 @@ from .jobs import Job, job_id
 from .recipe import Overrides, config_hash, declarations, profile_epoch_scale, resolve_recipe, trains
 from .seeding import seed_everything
 from .checkpoint import PREEMPT_SIGNALS, EpochCheckpoint
+from .dependencies import DependencyResolver, training_items, unlabeled_record
 from .smoke import smoke_check
 from .train import NonFiniteLoss, make_grad_scaler, train
+from .training_features import TrainingFeatures
 
 class BackboneModified(ContractError):
     """A job changed the backbone all jobs share: its result is refused (the backbone is reloaded)."""
@@ -95,6 +99,8 @@ class TrainRecord:
     skipped_steps: int = 0
     resumed: int = 0
     shared_from: str | None = None
+    #: the shared training features' cache state ("hit", "miss", "off"); None when the method encodes its own images
+    feature_cache: str | None = None
 
 
 @dataclass
@@ -362,16 +368,21 @@ class Runner:
         seed_everything(job.seed)
         split, manifest_sha = self.fewshot(job)
         train_split = subsample_classes(split, job.train_classes)
+        # Method.train_data: the few-shot sample, or every train-split image unlabeled (dependencies.py)
+        trained_on, all_classnames = training_items(entry.cls, self.splits(job.dataset), train_split)
+        dependencies = DependencyResolver(self, job, prefix)
         ctx = SetupContext(backbone=b, classnames=train_split.classnames, dataset=job.dataset,
                            template=get_dataset(job.dataset).template, recipe=recipe, protocol=job.protocol,
-                           shots=job.shots, seed=job.seed, device=b.device, epoch_scale=epoch_scale)
+                           shots=job.shots, seed=job.seed, device=b.device, epoch_scale=epoch_scale,
+                           all_classnames=all_classnames, dependencies=dependencies)
         train_fp = fingerprint(train_split.train, train_split.root)
-        share_key = training_share_key(job, recipe, train_fp, manifest_sha, backbone_rec["weights_sha256"],
-                                       b.precision)
+        share_key = training_share_key(job, recipe, train_fp if trained_on is train_split else
+                                       fingerprint(trained_on.train, trained_on.root), manifest_sha,
+                                       backbone_rec["weights_sha256"], b.precision)
         if self.smoke and trains(recipe) and not (share_key and self._shared_path(share_key).exists()):
             _, items, classnames, _ = next(iter(self.eval_data(job, split)))
             first = next(iter(job.evals()))
-            smoke_check(entry, ctx, train_split.train, train_transform(b.image_spec),
+            smoke_check(entry, ctx, trained_on.train, train_transform(b.image_spec),
                         (items, classnames, first.dataset, get_dataset(first.dataset).template,
                          test_transform(b.image_spec)))
         module = pm.hook.setup(ctx=ctx)
@@ -380,14 +391,14 @@ class Runner:
         module.to(b.device)
         fit_seconds = None
         if implements(pm, pm.get_plugin(f"method:{entry.name}"), "fit_features"):
-            fit_seconds = self._fit_features(pm, entry, train_split, prefix)
+            fit_seconds = self._fit_features(pm, entry, train_split, job.seed, prefix)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         trained = TrainRecord()
         if trains(recipe):
-            trained = self._train(job, entry, pm, module, recipe, split, train_split, share_key, jid, prefix)
+            trained = self._train(job, entry, pm, module, recipe, split, trained_on, share_key, jid, prefix)
         evaluated = self._evaluate(job, pm, module, recipe["image_input"], split, prefix)
         peak, kind = _peak_memory(b.device)
-        return {
+        record = {
             "schema_version": 2,
             "job": {"id": jid, "protocol": job.protocol.ref(), "method": job.method, "dataset": job.dataset,
                     "shots": job.shots, "seed": job.seed},
@@ -400,7 +411,8 @@ class Runner:
             "backbone": backbone_rec,
             "data": {"train": {"dataset": job.dataset, "fingerprint": train_fp, "n_images": len(train_split.train),
                                "n_classes": len(train_split.classnames), "manifest_sha256": manifest_sha,
-                               "transform": describe(train_transform(b.image_spec))},
+                               "transform": describe(train_transform(b.image_spec)),
+                               "augmentation_stream": STREAM_VERSION},
                      "evals": evaluated.evals},
             "metrics": evaluated.metrics,
             "timing": {"train_seconds": trained.seconds, "train_images": trained.images,
@@ -411,12 +423,19 @@ class Runner:
                                                   else 0.0),
                        "peak_memory_bytes": peak, "peak_memory_kind": kind, "train_shared_from": trained.shared_from,
                        "train_resumed": trained.resumed, "eval_feature_cache": evaluated.feature_cache,
+                       **({"train_feature_cache": trained.feature_cache} if trained.feature_cache else {}),
                        **({"fit_seconds": fit_seconds} if fit_seconds is not None else {})},
             "training": {"loss_per_epoch": trained.losses, "skipped_steps": trained.skipped_steps,
                          "min_batch_size": int(entry.cls.min_batch_size), "epoch_scale": epoch_scale},
             "environment": self._env,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if dependencies.records:  # the trained jobs this one consumed (SetupContext.trained_dependency)
+            record["method"]["dependencies"] = dependencies.records
+        if trained_on is not train_split:  # Method.train_data "unlabeled_all"
+            record["data"]["unlabeled"] = unlabeled_record(trained_on.train, trained_on.root, job.dataset,
+                                                           len(all_classnames))
+        return record
 
     def _train(self, job: Job, entry: MethodEntry, pm, module: torch.nn.Module, recipe: dict[str, Any],
                split: FewShotSplit, train_split: FewShotSplit, share_key: str | None, jid: str,
@@ -437,23 +456,40 @@ class Runner:
                 pm.register(BestTestEpoch(self._first_eval_scorer(job, recipe["image_input"], split, pm, module),
                                           module), name="harness:best_test_epoch")
             views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
-            loader = loaders.train_loader(train_split.train, train_transform(b.image_spec), int(recipe["batch_size"]),
-                                          workers=self.workers, pin_memory=b.device.type == "cuda", views=views,
-                                          preload_budget=self.preload_budget, drop_last=bool(recipe["drop_last"]),
-                                          min_batch_size=int(entry.cls.min_batch_size))
+            shared_views = recipe["image_input"] == "features" and not views
+            # a "features" method reads its epochs' frozen features from the shared training features:
+            # no image is decoded for it here, the loader is only its batch sampler
+            loader = (TrainBatchSampler(train_split.train, int(recipe["batch_size"]), drop_last=bool(recipe["drop_last"]),
+                                        min_batch_size=int(entry.cls.min_batch_size)) if shared_views else
+                      loaders.train_loader(train_split.train, train_transform(b.image_spec), int(recipe["batch_size"]),
+                                           workers=self.workers, pin_memory=b.device.type == "cuda", views=views,
+                                           preload_budget=self.preload_budget, drop_last=bool(recipe["drop_last"]),
+                                           min_batch_size=int(entry.cls.min_batch_size), stream_seed=job.seed))
+            shared_features = self.training_features(train_split, job.seed, prefix) if shared_views else None
             ckpt = self.checkpoint(jid)
             with ckpt.active(self.preempt_signals):
                 stats = train(pm, job.method, module, loader, recipe, b, recipe["image_input"],
-                              progress=f"{prefix} train", scaler=make_grad_scaler(b), checkpoint=ckpt)
+                              progress=f"{prefix} train", scaler=make_grad_scaler(b), checkpoint=ckpt,
+                              epoch_features=shared_features.epoch if shared_features is not None else None)
             self._isolate_backbone(job)  # a training on a changed backbone is never shared
             self._save_shared(share_key, module, jid, stats)
         return TrainRecord(stats.seconds, stats.images, stats.cpu_seconds, stats.losses,
-                           skipped_steps=stats.skipped_steps, resumed=ckpt.resumed)
+                           skipped_steps=stats.skipped_steps, resumed=ckpt.resumed,
+                           feature_cache=shared_features.state if shared_features is not None else None)
 
-    def _fit_features(self, pm, entry: MethodEntry, train_split: FewShotSplit, prefix: str) -> float:
+    def training_features(self, train_split: FewShotSplit, seed: int, prefix: str) -> TrainingFeatures:
+        """The frozen features of the training views of `train_split` under the job's seed, epoch by
+        epoch, shared through the feature cache (never filed from a changed backbone)."""
+        b = self.backbone
+        return TrainingFeatures(b, train_split.train, train_transform(b.image_spec), seed,
+                                fingerprint(train_split.train, train_split.root), cache=self.feature_cache,
+                                may_cache=lambda: not self._backbone_changes(), workers=self.workers,
+                                preload_budget=self.preload_budget, progress=prefix)
+
+    def _fit_features(self, pm, entry: MethodEntry, train_split: FewShotSplit, seed: int, prefix: str) -> float:
         """Hand a method the frozen features of its training images under `fit_views` augmented
-        views (hook fit_features): one encoder pass per image and view, in the job's seeded stream
-        (in-process loading, so the draws do not depend on the number of workers). Returns the
+        views (hook fit_features): view v is epoch v of the augmentation stream, read from the shared
+        training features or computed once per image and view (`training_features`). Returns the
         seconds it took, features and fit (recorded as timing.fit_seconds)."""
         import time
 
@@ -464,9 +500,9 @@ class Runner:
         views = int(entry.cls.fit_views)
         if views < 1:
             raise ContractError(f"method {entry.name!r}: fit_views must be at least 1, got {views}")
-        loader = loaders.eval_loader(train_split.train, train_transform(b.image_spec), 256, workers=0,
-                                     pin_memory=False)
-        drawn = [compute_features(b, loader, progress=f"{prefix} fit features {v + 1}/{views}") for v in range(views)]
+        # view v is epoch v of the augmentation stream: the same features a "features" method trains on
+        shared = self.training_features(train_split, seed, prefix)
+        drawn = [shared.epoch(v) for v in range(views)]
         features = torch.stack([f for f, _ in drawn]).to(b.device)
         val_features = val_labels = None
         if get_dataset(train_split.dataset).sample_val and train_split.val:  # a validation split of its own

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pluggy
 import torch
@@ -83,20 +83,21 @@ def _non_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
 def train_step(pm: pluggy.PluginManager, method: str, module: nn.Module, optimizer: torch.optim.Optimizer, backbone,
                images: torch.Tensor, labels: torch.Tensor, views: list[torch.Tensor], image_input: str,
                epoch: int, scaler: Optional[torch.amp.GradScaler] = None,
-               skipped: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+               skipped: Optional[list[torch.Tensor]] = None,
+               features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """One optimisation step exactly as the loop runs it (also what `benchsuite bench` times).
 
     `image_input` follows `Method.image_input`: the frozen encoder's fp32 features are computed
-    for "features" and "images+features". With a `scaler`, the device flag "this step was
-    skipped" is appended to `skipped`.
+    for "features" and "images+features", unless `features` hands them in (the shared training
+    features of a "features" method; `images` is then an empty tensor). With a `scaler`, the
+    device flag "this step was skipped" is appended to `skipped`.
     """
     device = backbone.device
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     views = [v.to(device, non_blocking=True) for v in views]
     with backbone.autocast():
-        features = None
-        if image_input != "images":
+        if features is None and image_input != "images":
             with torch.no_grad():
                 features = backbone.encode_image(images).float()
         outputs = pm.hook.train_step(batch=TrainBatch(images, labels, features, views), epoch=epoch)
@@ -198,12 +199,36 @@ def _epoch_means(parts: dict[str, list[torch.Tensor]], skipped: list[torch.Tenso
     return dict(zip(names, host)), int(host[-1]) if skipped else 0
 
 
+def _epoch_batches(loader, epoch: int, epoch_features: Optional[Callable[[int], tuple[torch.Tensor, torch.Tensor]]]):
+    """(images, labels, views, features) of one epoch: from the loader, or, with `epoch_features`,
+    the loader's shuffled index batches gathered from that epoch's shared training features."""
+    sampler = getattr(loader, "batch_sampler", loader)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if epoch_features is None:
+        for images, labels, *views in loader:
+            yield images, labels, (views[0] if views else []), None
+        return
+    features, labels = epoch_features(epoch)
+    empty = torch.empty(0, device=features.device)
+    batches = list(sampler.index_batches())
+    # the epoch's order goes to the device in one copy, not one per step
+    order = torch.tensor([i for batch in batches for i in batch]).to(features.device, non_blocking=True)
+    for index in order.split([len(batch) for batch in batches]):
+        yield empty, labels[index], [], features[index]
+
+
 def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, recipe: dict[str, Any], backbone,
           image_input: str, *, progress: str = "", scaler: Optional[torch.amp.GradScaler] = None,
-          checkpoint: EpochCheckpoint | None = None) -> TrainStats:
+          checkpoint: EpochCheckpoint | None = None,
+          epoch_features: Optional[Callable[[int], tuple[torch.Tensor, torch.Tensor]]] = None) -> TrainStats:
     """Train `module` for the recipe's budget; with `checkpoint`, resume from its saved epoch and
     hand it every epoch boundary, the plugins' `training_state` included (times, images, loss
     history and skipped steps count the interrupted attempts too).
+
+    `epoch_features(e)` (a "features" method without extra views): the frozen features and labels
+    of every training sample's epoch-e view (`training_features.TrainingFeatures`); the loader is
+    then only a batch sampler and no image is decoded or encoded inside a step.
 
     Budget: ``epochs`` with Dassl's epoch-stepped schedule, or ``iterations`` optimizer steps (CLIP-LoRA,
     2SFS: the recipe's epochs are then 0): as many passes over the reshuffled training set as they
@@ -249,7 +274,7 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
         module.train()
         parts: dict[str, list[torch.Tensor]] = {"loss": []}
         skipped: list[torch.Tensor] = []
-        for images, labels, *views in loader:
+        for images, labels, views, features in _epoch_batches(loader, epoch, epoch_features):
             if iterations and step >= iterations:
                 break
             if cosine_steps:
@@ -257,10 +282,10 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
                 set_group_lrs(optimizer, lr, recipe, in_warmup=False)
             step += 1
             outputs = train_step(pm, method, module, optimizer, backbone, images, labels,
-                                 views[0] if views else [], image_input, epoch, scaler, skipped)
+                                 views, image_input, epoch, scaler, skipped, features=features)
             for key, value in outputs.items():
                 parts.setdefault(key, []).append(value.detach().float())
-            n_images += images.shape[0]
+            n_images += labels.shape[0]
             if checkpoint is not None:
                 checkpoint.stop_if_signalled()  # a pre-emption signal is acted on here, between steps
         means, epoch_skipped = _epoch_means(parts, skipped)  # one host sync per epoch
