@@ -37,7 +37,7 @@ from .engine.runner import _peak_memory
 from .engine.evaluate import compute_features, evaluate, feature_batches, image_batches
 from .engine.train import make_optimizer, train_step
 from .clip.layer_prompts import LayerPrompts, clamp_depth
-from .hookspecs import SetupContext
+from .hookspecs import SetupContext, TrainedDependency
 from .methods import get_method, implements, job_manager
 from .protocols import Protocol, load_protocol
 
@@ -197,6 +197,29 @@ def run_bench(backbone: Backbone, method: str, protocol_id: str = "base2new", *,
         bar.close()
 
 
+class UntrainedDependencies:
+    """``SetupContext.dependencies`` for bench: a dependency (PromptKD's teacher) is its method's
+    module right after ``setup`` on the bench classes, frozen and untrained. bench times a step, and
+    a trained teacher's forward costs what an untrained one's does; the caller's random streams are
+    left as they were."""
+
+    def __init__(self, ctx: SetupContext, dataset: str):
+        self.ctx, self.dataset = ctx, dataset
+
+    def trained(self, method: str) -> TrainedDependency:
+        entry = get_method(method)
+        pm, instance = job_manager(entry)
+        shots, protocol = self.ctx.shots, self.ctx.protocol
+        default = pm.hook.recipe(protocol=protocol, dataset=self.dataset, shots=shots)
+        recipe, _ = resolve_recipe(method, default, protocol.profile, {}, **declarations(entry.cls))
+        with torch.random.fork_rng(devices=[]):
+            module = pm.hook.setup(ctx=SetupContext(**{**self.ctx.__dict__, "recipe": recipe,
+                                                       "dependencies": None}))
+        module.to(self.ctx.device).eval().requires_grad_(False)
+        return TrainedDependency(method=instance, module=module, job_id="untrained (bench)", sha256="",
+                                 trained=False)
+
+
 def _fit(pm, entry, backbone: Backbone, n_classes: int, shots: int) -> None:
     """What `run` does between setup and training for a method with `fit_features`: here on random
     features of the shape a job hands it (shots x classes images, `fit_views` views), since bench
@@ -227,7 +250,9 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
     device = backbone.device
     torch.manual_seed(seed)
     ctx = SetupContext(backbone=backbone, classnames=classnames, dataset=dataset, template="a photo of a {}.",
-                       recipe=recipe, protocol=protocol, shots=shots, seed=seed, device=device)
+                       recipe=recipe, protocol=protocol, shots=shots, seed=seed, device=device,
+                       all_classnames=list(classnames))
+    ctx.dependencies = UntrainedDependencies(ctx, dataset)
     module = pm.hook.setup(ctx=ctx).to(device)
     _fit(pm, entry, backbone, len(classnames), shots)
     variant = None

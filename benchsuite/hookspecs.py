@@ -289,11 +289,14 @@ class TrainedDependency:
 class TrainBatch:
     """One training batch, already on the device.
 
-    ``images`` (always set) are augmented with the protocol's train transform. ``image_features``
-    is set by the harness (fp32, no grad, raw = not normalised, frozen unprompted encoder on these
-    very images) when the method's image input is ``"features"`` or ``"images+features"``.
-    ``views`` holds extra augmented views of the same images when the method asked for them
-    through :func:`train_views` (GOPro).
+    ``images`` are augmented with the protocol's train transform, each sample's view drawn from the
+    harness's keyed augmentation stream (run seed, epoch, sample index: the same view for every
+    method). ``image_features`` is set by the harness (fp32, no grad, raw = not normalised, frozen
+    unprompted encoder on these very views) when the method's image input is ``"features"`` or
+    ``"images+features"``. A ``"features"`` method without :func:`train_views` reads them from the
+    shared training features, computed once per epoch for every method of a grid; its ``images`` is
+    then an empty tensor. ``views`` holds extra augmented views of the same images when the method
+    asked for them through :func:`train_views` (GOPro, CoPrompt).
     """
 
     images: torch.Tensor

@@ -114,3 +114,10 @@ def test_every_training_path_but_the_straightforward_one_is_timed_with_the_text_
     assert len(modules) == 2  # the measured instance and the --compare one
     compare = [truncated for _, module, truncated in seen if module == modules[1]]
     assert compare and all(compare)
+
+
+def test_bench_times_a_method_with_a_trained_dependency_on_an_untrained_one(tiny_backbone):
+    """PromptKD's setup asks for its PromptSRC teacher; bench hands it the teacher's module right
+    after setup (frozen) instead of the one-line refusal `setup` outside a job gives."""
+    report = run_bench(tiny_backbone, "promptkd", "base2new", warmup=0, iters=1, eval_images=10)
+    assert report["train_ms_per_image"] > 0 and report["eval_images_per_second"] > 0

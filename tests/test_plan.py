@@ -197,3 +197,25 @@ def test_measure_times_the_missing_figures_once_and_caches_them(toy_root, tmp_pa
     assert cache.is_file() and f"cached in {cache}" in out
     code, out, err, _ = plan(toy_root, tmp_path, "--measure", "--seeds", "1")  # nothing left to measure
     assert code == 0 and re.search(r"coop: 1 cached \(measured \d{4}-", out), out + err
+
+
+def test_frozen_encoder_methods_share_their_training_views(toy_root, tmp_path):
+    """CoOp and KgCoOp see the same views (the keyed augmentation stream): the second pays only its
+    steps without the view; the grid's views cost the most epochs any one of them trains."""
+    protocol = load_protocol(PROTOCOL)
+    recipes = resolved_recipes([Job(protocol, m, DATASET, 4, 1) for m in ("coop", "kgcoop")])
+    coop, kg = recipes["coop"][0], recipes["kgcoop"][0]
+    assert coop["epochs"] >= kg["epochs"]  # coop, first in grid order, computes every view kgcoop needs
+    splits = load_dataset(DATASET, toy_root)
+    n = len(subsample_classes(sample_fewshot(splits, 4, 1), "all").train)
+    n_classes = len(subsample_classes(sample_fewshot(splits, 4, 1), "all").classnames)
+    figures = [str(fake_bench(tmp_path / f"{m}.json", m, n_classes, batch_size=r["batch_size"]))
+               for m, r in (("coop", coop), ("kgcoop", kg))]
+    code, out, err, record = plan(toy_root, tmp_path, "--bench-json", *figures, "--seeds", "1",
+                                  methods=("coop", "kgcoop"))
+    assert code == 0, out + err
+    seconds = {m["method"]: m["train_seconds"] for m in record["methods"]}
+    view_ms = 1.0  # the fake figures' floor: the frozen encoder per image, no loader figure
+    assert seconds["kgcoop"] == pytest.approx(kg["epochs"] * n * (TRAIN_MS - view_ms) / 1000)
+    assert seconds["coop"] == pytest.approx(coop["epochs"] * n * (TRAIN_MS - view_ms) / 1000
+                                            + coop["epochs"] * n * view_ms / 1000)

@@ -7,7 +7,10 @@ of the plan runs, or that the results folder holds, trains nothing); evaluation 
 frozen features computes each test set's features once (the first such job of the grid, in run
 order) unless the feature cache holds them, then evaluates from features; `--no-feature-cache`
 computes them in every job. Methods fitting on training features pay one encoder pass per image and
-view; best_test_epoch selection one evaluation of the first test set per epoch. Not counted:
+view; best_test_epoch selection one evaluation of the first test set per epoch. A "features" method
+without extra views trains on the shared training features: its steps cost the step minus the
+view, and each (training sample set, seed, epoch) of the grid pays the views once (the first job
+that needs it, Tip-Adapter's fit views being epochs 0..fit_views-1). Not counted:
 process start, backbone load, data decoding, the one-batch smoke check.
 """
 
@@ -33,6 +36,7 @@ class JobCost:
     reused: bool = False
     training: str = "none"  #: none | run | shared (another job of this plan) | saved (in RESULTS/_trained)
     feature_passes: int = 0  #: test sets whose features this job computes
+    view_passes: int = 0  #: epochs of shared training views this job computes (the grid's first to need them)
     train_s: float | None = 0.0
     eval_s: float | None = 0.0
     figure: Figure | None = None
@@ -46,6 +50,7 @@ def estimate(works: list[JobWork], reuse: Reuse, figures: Figures, feature_cache
     """Every job's cost, walking the grid in run order (what an earlier job computes, a later reuses)."""
     trained: set[str] = set(reuse.trained)
     encoded: set[FeatureId] = set(reuse.features)
+    views: set[tuple[str, int, int]] = set()  # (training sample fingerprint, seed, epoch) whose views are computed
     out = []
     for work in works:
         cost = JobCost(work)
@@ -75,9 +80,18 @@ def estimate(works: list[JobWork], reuse: Reuse, figures: Figures, feature_cache
         if figure is None or (train_images and "train_ms_per_image" not in figure.report):
             cost.figure, cost.train_s, cost.eval_s = None, None, None  # no figure, or one without a training step
             continue
-        cost.train_s = figure.train_seconds(train_images)
+        epochs: set[int] = set()
+        if cost.training == "run" and work.shared_views:
+            epochs |= set(range(work.epochs_run))
+        if work.fit_images:  # fit views 0..fit_views-1 are epochs of the same stream
+            epochs |= set(range(work.fit_images // max(work.n_train, 1)))
+        wanted = {(work.train_fp, work.job.seed, e) for e in epochs}
+        cost.view_passes = len(wanted - views)
+        views |= wanted
+        cost.train_s = (figure.shared_train_seconds(train_images) if work.shared_views
+                        else figure.train_seconds(train_images))
+        cost.train_s += cost.view_passes * work.n_train * figure.view_ms_per_image() / 1000.0
         if cost.training == "run":
-            cost.train_s += figure.encode_seconds(work.fit_images)
             if work.selects_on_test and work.evals:
                 cost.train_s += work.epochs_run * figure.eval_seconds(work.evals[0].n_images, work.frozen)
         cost.eval_s = (sum(figure.eval_seconds(ev.n_images, work.frozen) for ev in work.evals)

@@ -107,6 +107,19 @@ class Figure:
     def train_seconds(self, images: int) -> float:
         return images * self.train_ms_per_image() / 1000.0 if images else 0.0
 
+    def view_ms_per_image(self) -> float:
+        """One training view's augmentation and frozen-encoder pass: what a step of a "features"
+        method no longer pays when it reads the shared training features (`training_features`)."""
+        rate = float(self.report.get("data_images_per_second", 0.0))
+        data = 1000.0 / rate if rate > 0 and int(self.report.get("data_workers", 0)) == 0 else 0.0
+        return float(self.report["floor_ms_per_image"]) + data
+
+    def shared_train_seconds(self, images: int) -> float:
+        """Training `images` step-images from the shared training features: the step without its
+        view (never below 10% of the step)."""
+        step = self.train_ms_per_image()
+        return images * max(step - self.view_ms_per_image(), 0.1 * step) / 1000.0 if images else 0.0
+
     def encode_seconds(self, images: int) -> float:
         """The frozen image encoder over `images` test images (computing their features)."""
         return images / float(self.report["eval_floor_images_per_second"])

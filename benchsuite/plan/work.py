@@ -54,6 +54,8 @@ class JobWork:
     evals: tuple[EvalWork, ...]
     train_fp: str
     manifest_sha: str
+    n_train: int = 0  #: training images of one epoch
+    shared_views: bool = False  #: trains on the shared training features ("features", no train_views)
 
     @property
     def method(self) -> str:
@@ -90,6 +92,7 @@ class _Method:
         self.pm = pm
         self.fits = hasattr(pm.hook, "fit_features") and implements(pm, plugin, "fit_features")
         self.fit_views = int(getattr(self.entry.cls, "fit_views", 1))
+        self.views = implements(pm, plugin, "train_views")
         self.min_batch = int(getattr(self.entry.cls, "min_batch_size", 1))
         self._recipes: dict[tuple, tuple[dict[str, Any], dict[str, Any]]] = {}
 
@@ -143,5 +146,7 @@ def grid_work(jobs: list[Job], splits: dict[str, DatasetSplits], overrides: Over
         out.append(JobWork(job, recipe, changed, config_hash(job.method, recipe), len(train.classnames),
                            images, epochs,
                            method.fit_views * len(train.train) if method.fits else 0, tuple(evals),
-                           fingerprint(train.train, train.root), manifest_sha256(split.manifest())))
+                           fingerprint(train.train, train.root), manifest_sha256(split.manifest()),
+                           n_train=len(train.train),
+                           shared_views=recipe["image_input"] == "features" and not method.views))
     return out
