@@ -68,8 +68,8 @@ from torch import nn
 from benchsuite.clip.prompts import EVAL_CHUNK, ClassPrompts, random_context
 from benchsuite.data.registry import format_template
 from benchsuite.errors import BenchsuiteError
-from benchsuite.hookspecs import EvalBatch, Method, SetupContext, TrainBatch, hookimpl
-from benchsuite_plugins.kgcoop import kg_score
+from benchsuite.hookspecs import SetupContext, hookimpl
+from benchsuite_plugins.kgcoop import KgCoOp
 
 _PHOTO = "a photo of a {}."
 _IMAGENETS = ("imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
@@ -159,17 +159,13 @@ class TcpPromptLearner(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
 
-class TCP(Method):
+class TCP(KgCoOp):
+    """KgCoOp's loss, classifier and inference (inherited) over TCP's prompt learner."""
+
     name = "tcp"
     summary = ("Textual-based Class-aware Prompt tuning: class-aware tokens from hand-crafted text features "
                "injected inside the text encoder, plus KgCoOp's pull (Yao et al., CVPR'24)")
     image_input = "features"
-
-    def __init__(self) -> None:
-        self.backbone = None
-        self.learner: TcpPromptLearner | None = None
-        self.text_features: torch.Tensor | None = None
-        self.w = 8.0
 
     @hookimpl
     def recipe(self, protocol, dataset: str, shots: int) -> dict[str, Any]:
@@ -185,26 +181,10 @@ class TCP(Method):
         self.learner.set_classes(ctx.classnames, ctx.dataset, ctx.template)
         return self.learner
 
-    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        return self.backbone.cosine_logits(image_features, text_features)
-
-    @hookimpl
-    def train_step(self, batch: TrainBatch, epoch: int) -> dict[str, torch.Tensor]:
-        text = self.learner.text_features()
-        logits = self.logits(batch.image_features, text)
-        with self.backbone.fp32():
-            ce = F.cross_entropy(logits, batch.labels)
-            kg = kg_score(text, self.learner.anchor)
-            return {"loss": ce + self.w * kg, "ce": ce, "kg": kg}
-
     @hookimpl
     def prepare_eval(self, classnames: list[str], dataset: str, template: str) -> None:
         self.learner.set_classes(classnames, dataset, template)
         self.text_features = self.learner.text_features()
-
-    @hookimpl
-    def predict(self, batch: EvalBatch) -> torch.Tensor:
-        return self.logits(batch.image_features, self.text_features)
 
 
 @hookimpl
