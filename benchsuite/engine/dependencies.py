@@ -27,7 +27,6 @@ import torch
 from ..data.datum import DatasetSplits, Datum, fingerprint
 from ..data.fewshot import FewShotSplit, subsample_classes
 from ..data.registry import get_dataset
-from ..data.transforms import test_transform, train_transform
 from ..errors import BenchsuiteError, ContractError
 from ..hookspecs import TRAIN_DATA, SetupContext, TrainedDependency
 from .jobs import Job, job_id
@@ -87,8 +86,6 @@ class DependencyResolver:
         return self._held[method]
 
     def _resolve(self, method: str) -> TrainedDependency:
-        from .smoke import smoke_check
-
         runner = self.runner
         if method == self.job.method:
             raise BenchsuiteError(f"method {method!r} cannot depend on its own training")
@@ -115,16 +112,8 @@ class DependencyResolver:
                                shots=job.shots, seed=job.seed, device=b.device, epoch_scale=epoch_scale)
             stored = path.exists()
             if runner.smoke and not stored:
-                _, items, classnames, _ = next(iter(runner.eval_data(job, split)))
-                first = next(iter(job.evals()))
-                smoke_check(entry, ctx, train_split.train, train_transform(b.image_spec),
-                            (items, classnames, first.dataset, get_dataset(first.dataset).template,
-                             test_transform(b.image_spec)))
-            module = pm.hook.setup(ctx=ctx)
-            if not isinstance(module, torch.nn.Module):
-                raise ContractError(f"method {method!r}, hook setup: must return an nn.Module, got "
-                                    f"{type(module).__name__}")
-            module.to(b.device)
+                runner.smoke_check(job, entry, ctx, split, train_split.train)
+            module = runner.setup_module(pm, method, ctx)
             if not stored:
                 self.runner.echo(f"{prefix}: training it first (job {jid[:12]})")
             record = runner._train(job, entry, pm, module, recipe, split, train_split, key, jid, prefix)

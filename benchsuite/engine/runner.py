@@ -359,6 +359,22 @@ class Runner:
         self.echo(f"{prefix}: {metrics} -> {written}")
         return written
 
+    def smoke_check(self, job: Job, entry: MethodEntry, ctx: SetupContext, split: FewShotSplit, train_items) -> None:
+        """The one-batch check of `job`'s method on its training items and first evaluation set."""
+        b = self.backbone
+        _, items, classnames, _ = next(iter(self.eval_data(job, split)))
+        first = next(iter(job.evals()))
+        smoke_check(entry, ctx, train_items, train_transform(b.image_spec),
+                    (items, classnames, first.dataset, get_dataset(first.dataset).template,
+                     test_transform(b.image_spec)))
+
+    def setup_module(self, pm, method: str, ctx: SetupContext) -> torch.nn.Module:
+        """The module the method's `setup` returns (checked to be one), on the backbone's device."""
+        module = pm.hook.setup(ctx=ctx)
+        if not isinstance(module, torch.nn.Module):
+            raise ContractError(f"method {method!r}, hook setup: must return an nn.Module, got {type(module).__name__}")
+        return module.to(self.backbone.device)
+
     def _execute(self, job: Job, entry: MethodEntry, pm, recipe, chash, jid, backbone_rec, prefix,
                  epoch_scale: float = 1.0) -> dict:
         """One job after planning: build the method, train it, evaluate it, and return the result record."""
@@ -380,15 +396,8 @@ class Runner:
                                        fingerprint(trained_on.train, trained_on.root), manifest_sha,
                                        backbone_rec["weights_sha256"], b.precision)
         if self.smoke and trains(recipe) and not (share_key and self._shared_path(share_key).exists()):
-            _, items, classnames, _ = next(iter(self.eval_data(job, split)))
-            first = next(iter(job.evals()))
-            smoke_check(entry, ctx, trained_on.train, train_transform(b.image_spec),
-                        (items, classnames, first.dataset, get_dataset(first.dataset).template,
-                         test_transform(b.image_spec)))
-        module = pm.hook.setup(ctx=ctx)
-        if not isinstance(module, torch.nn.Module):
-            raise ContractError(f"method {job.method!r}, hook setup: must return an nn.Module, got {type(module).__name__}")
-        module.to(b.device)
+            self.smoke_check(job, entry, ctx, split, trained_on.train)
+        module = self.setup_module(pm, job.method, ctx)
         fit_seconds = None
         if implements(pm, pm.get_plugin(f"method:{entry.name}"), "fit_features"):
             fit_seconds = self._fit_features(pm, entry, train_split, job.seed, prefix)
