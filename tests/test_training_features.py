@@ -154,3 +154,23 @@ def test_the_stream_version_is_part_of_the_job_identity(monkeypatch):
     before = jobs.job_id(job, "c", backbone, "d", plugin=("builtin", "1"))
     monkeypatch.setattr(jobs, "STREAM_VERSION", STREAM_VERSION + 1)
     assert jobs.job_id(job, "c", backbone, "d", plugin=("builtin", "1")) != before
+
+
+def test_a_draw_seeds_the_cpu_generator_alone(monkeypatch):
+    """The transforms draw from the CPU generator; a draw must not reseed (and so reset) the caller's
+    CUDA generators, which ``fork_rng(devices=[])`` would not restore, nor pay for CUDA's lazy seeding."""
+    import torch.cuda
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    with keyed_draw(1, 2, 3):
+        drawn = torch.rand(4)
+    torch.manual_seed(sample_seed(1, 2, 3))  # the same CPU stream as seeding every device
+    assert torch.equal(drawn, torch.rand(4))
+    calls_by_manual_seed = len(calls)
+    assert calls_by_manual_seed >= 1  # the monkeypatch sees what torch.manual_seed does
+    calls.clear()
+    with keyed_draw(4, 5, 6):
+        torch.rand(1)
+    assert calls == []
