@@ -12,8 +12,8 @@ Each draw runs under a private torch CPU generator state and Python ``random`` s
 key, and restores both afterwards, so the caller's streams (shuffling, initialisation) are untouched.
 Only the CPU generator is seeded (the transforms draw from it): ``torch.manual_seed`` would also
 reseed every CUDA generator, which ``fork_rng(devices=[])`` does not restore (on a GPU each draw
-would reset the caller's CUDA dropout stream), and before CUDA starts it records a formatted stack
-per call, which cost about 4 ms a draw, a fifth of a toy job.
+would reset the caller's CUDA dropout stream), and before CUDA starts it formats a stack trace per
+call for CUDA's lazy seeding.
 """
 
 from __future__ import annotations
