@@ -168,8 +168,7 @@ def test_a_draw_seeds_the_cpu_generator_alone(monkeypatch):
         drawn = torch.rand(4)
     torch.manual_seed(sample_seed(1, 2, 3))  # the same CPU stream as seeding every device
     assert torch.equal(drawn, torch.rand(4))
-    calls_by_manual_seed = len(calls)
-    assert calls_by_manual_seed >= 1  # the monkeypatch sees what torch.manual_seed does
+    assert calls  # the monkeypatch sees what torch.manual_seed does
     calls.clear()
     with keyed_draw(4, 5, 6):
         torch.rand(1)
