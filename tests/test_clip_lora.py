@@ -74,8 +74,10 @@ def test_adapted_encoders_equal_the_frozen_ones_until_b_moves(tiny_backbone):
     images = torch.randn(2, 3, 32, 32)
     texts = ["a photo of a cat.", "a photo of a sea lion."]
     private.model.train()  # dropout on the branches: still nothing while B = 0
-    torch.testing.assert_close(private.encode_image(images), tiny_backbone.encode_image(images), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(private.encode_text(texts), tiny_backbone.encode_text(texts), rtol=1e-6, atol=1e-6)
+    # equal up to round-off: the explicit attention sums in another order than torch's fused kernel
+    # (8e-6 relative on one element on an AMD EPYC host), the project's 1e-5 parity tolerance
+    torch.testing.assert_close(private.encode_image(images), tiny_backbone.encode_image(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(private.encode_text(texts), tiny_backbone.encode_text(texts), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         adapted[0].lora["v"].lora_B.normal_()
     assert not torch.allclose(private.encode_text(texts), tiny_backbone.encode_text(texts))
