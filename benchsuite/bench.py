@@ -13,6 +13,11 @@ more references are timed in the same alternation: the **prompted floor**, the i
 forward and backward with VPT-deep prompts (4 tokens at depth 9, IVLP's shape, clamped to the
 model), which no such method can undercut; and **CoOp's** training step on the same batch and
 classes, the cheapest text-prompt method. Each method is reported against both.
+
+An ``"images+features"`` method (PromptSRC, MMRL) is timed twice: computing the frozen features of
+its batch inside the step, and reading them as a run does from the shared training features
+(`engine.training_features`, computed once per epoch for a whole grid), its step then without the
+frozen forward.
 """
 
 from __future__ import annotations
@@ -318,6 +323,11 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
             variant_optimizer = make_optimizer(variant_params, variant_recipe)
             timed["compare"] = fast(lambda: train_step(variant[0], method, variant[1], variant_optimizer, backbone,
                                                        images, labels, views, image_input, 0))
+        if image_input == "images+features" and not n_views:
+            with torch.no_grad(), backbone.autocast():
+                shared = backbone.encode_image(images).float()  # what the shared training features hold
+            timed["shared_features"] = fast(lambda: train_step(pm, method, module, optimizer, backbone, images, labels,
+                                                               views, image_input, 0, features=shared))
         if not frozen:
             timed["prompted_floor"] = _prompted_floor(backbone, images)
             if method != "coop":
@@ -340,6 +350,13 @@ def _run_bench(backbone: Backbone, method: str, protocol_id: str, dataset: str, 
         if "prompted_floor" in seconds:
             out["prompted_floor_ms_per_image"] = 1000 * seconds["prompted_floor"] / batch
             out["train_ratio_to_prompted_floor"] = out["train_ms_per_image"] / out["prompted_floor_ms_per_image"]
+        if "shared_features" in seconds:
+            out["train_shared_features_ms_per_image"] = 1000 * seconds["shared_features"] / batch
+            out["train_shared_features_ratio_to_floor"] = (out["train_shared_features_ms_per_image"]
+                                                           / out["floor_ms_per_image"])
+            if "prompted_floor_ms_per_image" in out:
+                out["train_shared_features_ratio_to_prompted_floor"] = (out["train_shared_features_ms_per_image"]
+                                                                        / out["prompted_floor_ms_per_image"])
         if "coop" in seconds:
             out["coop_train_ms_per_image"] = 1000 * seconds["coop"] / batch
             out["train_ratio_to_coop"] = out["train_ms_per_image"] / out["coop_train_ms_per_image"]
@@ -431,6 +448,11 @@ def format_report(r: dict[str, Any]) -> str:
             rows.append(("  vs prompted floor", "", f"{r['train_ratio_to_prompted_floor']:.2f}x"))
         if "train_ratio_to_coop" in r:
             rows.append(("  vs CoOp", "", f"{r['train_ratio_to_coop']:.2f}x"))
+        if "train_shared_features_ms_per_image" in r:
+            rows.append(("train step, frozen features shared (grid)", f"{r['train_shared_features_ms_per_image']:.2f} ms/img",
+                         f"{r['train_shared_features_ratio_to_floor']:.2f}x"))
+            if "train_shared_features_ratio_to_prompted_floor" in r:
+                rows.append(("  vs prompted floor", "", f"{r['train_shared_features_ratio_to_prompted_floor']:.2f}x"))
         if "train_straightforward_ms_per_image" in r:
             rows.append(("train step, straightforward", f"{r['train_straightforward_ms_per_image']:.2f} ms/img",
                          f"{r['train_straightforward_ratio_to_floor']:.2f}x"))

@@ -488,7 +488,8 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--results", help=f"results folder (default ./{DEFAULT_RUN_RESULTS}); a rerun reuses every "
                                       f"valid result in it")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override recipe entries (marks results non-default)")
+    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="override recipe entries (marks results non-default); may be repeated")
     p.add_argument("--loader-workers", type=int,
                    help="data loader worker processes per job (default: 0 on CPU, min(8, CPU count) on CUDA)")
     p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
@@ -543,9 +544,9 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
                                                        "(default: 0 on CPU, min(8, CPU count) on CUDA)")
     p.add_argument("--model-cache", help="where open_clip caches downloaded weights")
     p.add_argument("--json", help="also write the measurements to this JSON file")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
-                   help="override recipe entries as `run --set` does (cocoop.batch_size=32)")
-    p.add_argument("--compare", nargs="+", metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="override recipe entries as `run --set` does (cocoop.batch_size=32); may be repeated")
+    p.add_argument("--compare", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="also time the training step of a second instance with these recipe overrides, in "
                         "alternation (cocoop.batched_text=false: CoCoOp's per-image loop)")
     p.add_argument("--no-straightforward", action="store_true",
@@ -567,7 +568,7 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
                    help="the device the grid will run on: auto, cpu, cuda ... (need not be present without --measure)")
     p.add_argument("--results", help=f"results folder run would write to (default ./{DEFAULT_RUN_RESULTS}); its "
                                       f"valid results count as reused")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="recipe overrides, as for run")
+    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="recipe overrides, as for run")
     p.add_argument("--executor", action=OneOf, known=EXECUTORS, default="local",
                    help="the executor run will use: pool and slurm add a wall-clock estimate")
     p.add_argument("--workers", type=int, help="pool: CPU worker processes")
@@ -592,7 +593,7 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--results", default=str(DEFAULT_RUN_RESULTS),
                    help=f"results folder (default ./{DEFAULT_RUN_RESULTS}, where run writes by default)")
     p.add_argument("--protocol", nargs="+", help="only these protocols (default: every recorded grid)")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="only the grid run with these `run --set` overrides (default: every recorded grid, each "
                         "under its own overrides); a result counts only for the recipe it was computed with")
     p.set_defaults(func=_cmd_status)

@@ -116,8 +116,9 @@ class Method:
         - ``"images"``: augmented images only; the method runs ``ctx.backbone.encode_image`` itself
           (IVLP, MaPLe, GOPro: they prompt or tune the image encoder).
         - ``"images+features"``: images, plus at training time the frozen, unprompted encoder's fp32
-          features of the same augmented images (PromptSRC's image consistency term). Evaluation
-          gets images only.
+          features of the same augmented images (PromptSRC's image consistency term), read from the
+          shared training features when the method has no :func:`train_views` (so one grid pays
+          them once, with its "features" methods). Evaluation gets images only.
     epoch_settings:
         Recipe keys measured in epochs (PromptSRC: ``("gpa_mean", "gpa_std")``). A protocol profile
         that scales ``epochs`` (toy protocols) scales these keys and ``warmup_epochs`` by the same
@@ -293,9 +294,9 @@ class TrainBatch:
     harness's keyed augmentation stream (run seed, epoch, sample index: the same view for every
     method). ``image_features`` is set by the harness (fp32, no grad, raw = not normalised, frozen
     unprompted encoder on these very views) when the method's image input is ``"features"`` or
-    ``"images+features"``. A ``"features"`` method without :func:`train_views` reads them from the
-    shared training features, computed once per epoch for every method of a grid; its ``images`` is
-    then an empty tensor. ``views`` holds extra augmented views of the same images when the method
+    ``"images+features"``. A method of either input without :func:`train_views` reads them from the
+    shared training features, computed once per epoch for every method of a grid; a ``"features"``
+    method's ``images`` is then an empty tensor. ``views`` holds extra augmented views of the same images when the method
     asked for them through :func:`train_views` (GOPro, CoPrompt).
     """
 

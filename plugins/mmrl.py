@@ -25,7 +25,8 @@ Behaviour followed
 - Loss (``MMRL_Loss``): alpha * CE(logits) + (1 - alpha) * CE(logits_rep) + reg_weight * (1 - mean cos(f, f~))
   + reg_weight * (1 - mean cos(w, w~)); f the normalised class-token feature of the prompted image
   encoder, f~ the frozen encoder's normalised features of the same augmented batch (the harness's
-  ``batch.image_features``, ``image_input = "images+features"``), w the prompted text features of the
+  ``batch.image_features``, ``image_input = "images+features"``, read from the shared training
+  features of the keyed views, as PromptSRC's), w the prompted text features of the
   training classes, w~ the frozen CLIP's text features of the template. Parts returned: ``ce``,
   ``ce_rep``, ``reg_image``, ``reg_text`` (unweighted), and ``loss``.
 - Trained: the tokens, both projection lists and ``proj_rep`` (the official ``names_to_update``:

@@ -8,7 +8,10 @@ Behaviour followed
   of the frozen model's *unnormalised* text features of the training classes ("textual diversity"),
   normalised in the loss; image f~ = the frozen, unprompted image encoder's features of the same
   augmented batch (the harness's ``batch.image_features`` under ``image_input = "images+features"``;
-  the same backbone, never a second copy of its weights).
+  the same backbone, never a second copy of its weights). The harness reads them from the shared
+  training features of the keyed views (`benchsuite.engine.training_features`), so a grid computes
+  them once for PromptSRC, its ``--set`` variants, DePT on PromptSRC, MMRL and the frozen-encoder
+  methods, not once per job.
 - Loss (T = 1): CE(logits, y) + 25 * L1(w^, w~) + 10 * L1(f^, f~) + KL, the L1 terms with mean
   reduction over all elements of the normalised features ([C, E] text, [B, E] image), and
   KL = sum_{b,c} p~ (log p~ - log p^) / (B * C) with p~ = softmax(100 f~ w~^T), p^ = softmax(logits)

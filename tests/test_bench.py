@@ -87,6 +87,30 @@ def test_bench_of_an_image_prompting_method_reports_the_prompted_floor_and_coop(
     assert "prompted_floor_ms_per_image" not in coop and "coop_train_ms_per_image" not in coop
 
 
+def test_bench_of_an_images_and_features_method_also_times_its_step_on_shared_frozen_features(tiny_backbone,
+                                                                                            monkeypatch):
+    """PromptSRC in a grid reads its frozen features from the shared training features: bench times
+    that step too, handing the step the features (so no unprompted forward runs inside it)."""
+    import benchsuite.bench as bench
+
+    handed: list[bool] = []
+    real = bench.train_step
+
+    def recording(pm, method, module, *args, **kwargs):
+        handed.append(kwargs.get("features") is not None)
+        return real(pm, method, module, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_step", recording)
+    report = run_bench(tiny_backbone, "promptsrc", "base2new", warmup=0, iters=1, eval_images=10)
+    for key in ("train_shared_features_ms_per_image", "train_shared_features_ratio_to_floor",
+                "train_shared_features_ratio_to_prompted_floor"):
+        assert report[key] > 0, key
+    assert True in handed and False in handed  # both steps timed
+    assert "frozen features shared" in format_report(report)
+    ivlp = run_bench(tiny_backbone, "ivlp", "base2new", warmup=0, iters=1, eval_images=10)
+    assert "train_shared_features_ms_per_image" not in ivlp
+
+
 def test_every_training_path_but_the_straightforward_one_is_timed_with_the_text_truncation(tiny_backbone,
                                                                                           monkeypatch):
     """The timed calls alternate and the straightforward step switches the truncation off: the CoOp

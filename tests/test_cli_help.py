@@ -57,3 +57,13 @@ def test_no_command_is_still_an_error_naming_what_is_missing(capsys):
         main([])
     assert exit_info.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["run", "--protocol", "base2new"], ["bench", "--method", "coop"],
+                                     ["plan", "--protocol", "base2new"], ["status"]])
+def test_a_repeated_set_adds_its_overrides_instead_of_replacing_the_earlier_ones(command):
+    from benchsuite.cli import build_parser
+
+    args = build_parser(plugin_commands=False).parse_args([*command, "--set", "epochs=2", "lr=0.1",
+                                                           "--set", "coop.batch_size=4"])
+    assert args.set == ["epochs=2", "lr=0.1", "coop.batch_size=4"]

@@ -173,3 +173,51 @@ def test_a_draw_seeds_the_cpu_generator_alone(monkeypatch):
     with keyed_draw(4, 5, 6):
         torch.rand(1)
     assert calls == []
+
+
+def test_an_images_and_features_step_gets_the_shared_features_of_its_own_views(noise_items, tiny_backbone):
+    """"images+features" (PromptSRC, MMRL): the loader brings the images, and beside each batch the
+    shared features of the same samples' views, as the frozen encoder gives them on those images."""
+    from benchsuite.engine.train import _epoch_batches
+    from benchsuite.engine.training_features import TrainingFeatures
+
+    transform = train_transform(tiny_backbone.image_spec)
+    shared = TrainingFeatures(tiny_backbone, noise_items, transform, seed=3, fingerprint="f", cache=None)
+    loader = loaders.train_loader(noise_items, transform, 5, workers=0, pin_memory=False, stream_seed=3)
+    torch.manual_seed(0)
+    seen = []
+    for epoch in (0, 1):
+        for images, labels, views, features in _epoch_batches(loader, epoch, shared.epoch, with_images=True):
+            assert views == [] and features.shape[0] == images.shape[0] == labels.shape[0]
+            with torch.no_grad():
+                frozen = tiny_backbone.encode_image(images).float()
+            torch.testing.assert_close(features, frozen, rtol=1e-5, atol=1e-5)
+            seen.append(labels)
+    assert sum(len(y) for y in seen) == 2 * len(noise_items)
+    torch.manual_seed(0)  # the loader shuffles exactly as without shared features
+    plain = [labels for epoch in (0, 1) for _, labels, _, _ in _epoch_batches(loader, epoch, None)]
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain))
+
+
+def _promptsrc_run(tiny_checkpoint, data_root, results, *extra):
+    code, out, err = run_quiet(run_args("base2new", tiny_checkpoint, data_root, results, "--method", "promptsrc",
+                                        "--dataset", DATASET, "--seeds", "1", "--set", "promptsrc.epochs=2",
+                                        "--set", "promptsrc.warmup_epochs=0", *extra))
+    assert code == 0, out + err
+    (result,) = load_results(results).values()
+    return result
+
+
+def test_an_images_and_features_method_reads_the_frozen_features_other_methods_filed(tmp_path, tiny_checkpoint,
+                                                                                     data_root):
+    """PromptSRC's frozen image features are those CoOp's epochs filed: a warm cache removes its frozen
+    forwards, bit for bit the same result as computing them, with or without a cache."""
+    cache = tmp_path / "shared-cache"
+    cold = _promptsrc_run(tiny_checkpoint, data_root, tmp_path / "cold", "--no-feature-cache")
+    _coop_run(tiny_checkpoint, data_root, tmp_path / "coop", "--feature-cache", str(cache))  # epochs 0-2
+    before = {e.key for e in FeatureCache(cache).entries()}
+    warm = _promptsrc_run(tiny_checkpoint, data_root, tmp_path / "warm", "--feature-cache", str(cache))
+    assert (cold["timing"]["train_feature_cache"], warm["timing"]["train_feature_cache"]) == ("off", "hit")
+    assert {e.key for e in FeatureCache(cache).entries()} == before
+    assert warm["metrics"] == cold["metrics"]
+    assert warm["training"]["loss_per_epoch"] == cold["training"]["loss_per_epoch"]

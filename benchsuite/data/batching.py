@@ -8,7 +8,8 @@ from torch's default generator), so with the defaults the batches are the same a
 
 from __future__ import annotations
 
-from typing import Iterator, Sized
+from collections import deque
+from typing import Iterator, Optional, Sized
 
 from torch.utils.data import RandomSampler, Sampler
 
@@ -47,6 +48,14 @@ class TrainBatchSampler(Sampler[list]):
         self.sizes = tail_rule(len(data), batch_size, drop_last, min_batch_size)
         self.keyed = keyed
         self.epoch = 0
+        self._issued: Optional[deque] = None
+
+    def record(self) -> deque:
+        """From now on, every index batch that :meth:`__iter__` hands out is also appended to the
+        returned queue, in order: a DataLoader (its workers prefetching or not) yields its batches in
+        the order it requested them, so popping one entry per loaded batch names that batch's samples."""
+        self._issued = deque()
+        return self._issued
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -62,4 +71,6 @@ class TrainBatchSampler(Sampler[list]):
 
     def __iter__(self) -> Iterator[list]:
         for batch in self.index_batches():
+            if self._issued is not None:
+                self._issued.append(batch)
             yield [(self.epoch, i) for i in batch] if self.keyed else batch

@@ -465,11 +465,12 @@ class Runner:
                 pm.register(BestTestEpoch(self._first_eval_scorer(job, recipe["image_input"], split, pm, module),
                                           module), name="harness:best_test_epoch")
             views = list(pm.hook.train_views(image_spec=b.image_spec) or [])
-            shared_views = recipe["image_input"] == "features" and not views
-            # a "features" method reads its epochs' frozen features from the shared training features:
-            # no image is decoded for it here, the loader is only its batch sampler
+            shared_views = recipe["image_input"] in ("features", "images+features") and not views
+            # a "features" or "images+features" method reads its epochs' frozen features from the shared
+            # training features; for "features" no image is decoded here, the loader is only its batch sampler
+            only_features = shared_views and recipe["image_input"] == "features"
             loader = (TrainBatchSampler(train_split.train, int(recipe["batch_size"]), drop_last=bool(recipe["drop_last"]),
-                                        min_batch_size=int(entry.cls.min_batch_size)) if shared_views else
+                                        min_batch_size=int(entry.cls.min_batch_size)) if only_features else
                       loaders.train_loader(train_split.train, train_transform(b.image_spec), int(recipe["batch_size"]),
                                            workers=self.workers, pin_memory=b.device.type == "cuda", views=views,
                                            preload_budget=self.preload_budget, drop_last=bool(recipe["drop_last"]),

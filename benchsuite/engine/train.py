@@ -89,7 +89,7 @@ def train_step(pm: pluggy.PluginManager, method: str, module: nn.Module, optimiz
 
     `image_input` follows `Method.image_input`: the frozen encoder's fp32 features are computed
     for "features" and "images+features", unless `features` hands them in (the shared training
-    features of a "features" method; `images` is then an empty tensor). With a `scaler`, the
+    features; for a "features" method `images` is then an empty tensor). With a `scaler`, the
     device flag "this step was skipped" is appended to `skipped`.
     """
     device = backbone.device
@@ -199,9 +199,12 @@ def _epoch_means(parts: dict[str, list[torch.Tensor]], skipped: list[torch.Tenso
     return dict(zip(names, host)), int(host[-1]) if skipped else 0
 
 
-def _epoch_batches(loader, epoch: int, epoch_features: Optional[Callable[[int], tuple[torch.Tensor, torch.Tensor]]]):
+def _epoch_batches(loader, epoch: int, epoch_features: Optional[Callable[[int], tuple[torch.Tensor, torch.Tensor]]],
+                   with_images: bool = False):
     """(images, labels, views, features) of one epoch: from the loader, or, with `epoch_features`,
-    the loader's shuffled index batches gathered from that epoch's shared training features."""
+    the loader's shuffled index batches gathered from that epoch's shared training features; with
+    `with_images` too ("images+features"), the loader's image batches and, beside each, the shared
+    features of the same samples (the same keyed views)."""
     sampler = getattr(loader, "batch_sampler", loader)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
@@ -210,6 +213,12 @@ def _epoch_batches(loader, epoch: int, epoch_features: Optional[Callable[[int], 
             yield images, labels, (views[0] if views else []), None
         return
     features, labels = epoch_features(epoch)
+    if with_images:
+        issued = sampler.record()
+        for images, batch_labels, *views in loader:
+            index = torch.tensor(issued.popleft()).to(features.device, non_blocking=True)
+            yield images, batch_labels, (views[0] if views else []), features[index]
+        return
     empty = torch.empty(0, device=features.device)
     batches = list(sampler.index_batches())
     # the epoch's order goes to the device in one copy, not one per step
@@ -226,9 +235,11 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
     hand it every epoch boundary, the plugins' `training_state` included (times, images, loss
     history and skipped steps count the interrupted attempts too).
 
-    `epoch_features(e)` (a "features" method without extra views): the frozen features and labels
-    of every training sample's epoch-e view (`training_features.TrainingFeatures`); the loader is
-    then only a batch sampler and no image is decoded or encoded inside a step.
+    `epoch_features(e)` (a "features" or "images+features" method without extra views): the frozen
+    features and labels of every training sample's epoch-e view (`training_features.TrainingFeatures`).
+    For "features" the loader is then only a batch sampler and no image is decoded or encoded inside
+    a step; for "images+features" the loader still brings the images, and the step gets the shared
+    features of the same views instead of running the frozen encoder on them.
 
     Budget: ``epochs`` with Dassl's epoch-stepped schedule, or ``iterations`` optimizer steps (CLIP-LoRA,
     2SFS: the recipe's epochs are then 0): as many passes over the reshuffled training set as they
@@ -274,7 +285,8 @@ def train(pm: pluggy.PluginManager, method: str, module: nn.Module, loader, reci
         module.train()
         parts: dict[str, list[torch.Tensor]] = {"loss": []}
         skipped: list[torch.Tensor] = []
-        for images, labels, views, features in _epoch_batches(loader, epoch, epoch_features):
+        for images, labels, views, features in _epoch_batches(loader, epoch, epoch_features,
+                                                              with_images=image_input == "images+features"):
             if iterations and step >= iterations:
                 break
             if cosine_steps:

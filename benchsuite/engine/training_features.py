@@ -2,12 +2,13 @@
 
 Every frozen-encoder method (``image_input = "features"``: zero-shot, CoOp, CoCoOp, KgCoOp, ProGrad,
 ProDA, the adapters) sees, through the keyed augmentation stream (`benchsuite.data.stream`), the same
-view of sample i in epoch e. The frozen encoder's features of those views therefore depend only on
+view of sample i in epoch e, and so do the ``"images+features"`` methods (PromptSRC, DePT on
+PromptSRC, MMRL), whose consistency terms need the frozen features of the views they prompt. The frozen encoder's features of those views therefore depend only on
 (backbone, training images, transform, seed, epoch): `TrainingFeatures` computes an epoch's features
 for all samples in index order, in fixed chunks (so the numbers do not depend on any method's batch
-size), and files them in the feature cache. A second method, a ``--set`` variant, a resumed job or
-Tip-Adapter's augmented cache views (epochs 0..fit_views-1) read them back bit for bit instead of
-running the encoder again; without a cache they are computed the same way, so a result never depends
+size), and files them in the feature cache. A second method, a ``--set`` variant, a resumed job,
+Tip-Adapter's augmented cache views (epochs 0..fit_views-1) or PromptSRC's frozen anchors read them
+back bit for bit instead of running the encoder again; without a cache they are computed the same way, so a result never depends
 on whether the cache was warm.
 """
 
