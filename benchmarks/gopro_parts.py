@@ -20,7 +20,7 @@ import torch
 
 from benchsuite.bench import _prompted_floor, bench_classnames
 from benchsuite.clip.backbone import load_backbone
-from benchsuite.engine.recipe import HARNESS_DEFAULTS
+from benchsuite.engine.recipe import declarations, resolve_recipe
 from benchsuite.hookspecs import SetupContext
 from benchsuite.methods import get_method, job_manager
 from benchsuite.protocols import load_protocol
@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--iters", type=int, default=3)
     args = parser.parse_args()
+    if args.batch < 1 or args.iters < 1:
+        parser.error(f"--batch and --iters take positive integers (got --batch {args.batch}, --iters {args.iters})")
 
     torch.manual_seed(0)
     backbone = load_backbone(args.backbone, "none")
@@ -39,7 +41,9 @@ def main() -> None:
     classes = bench_classnames(protocol)
     entry = get_method("gopro")
     pm, _ = job_manager(entry)
-    recipe = {**HARNESS_DEFAULTS, **pm.hook.recipe(protocol=protocol, dataset="caltech101", shots=16)}
+    # the recipe a base2new job resolves (as `benchsuite bench` does), not a hand-merged copy
+    recipe, _ = resolve_recipe("gopro", pm.hook.recipe(protocol=protocol, dataset="caltech101", shots=16),
+                               protocol.profile, {}, **declarations(entry.cls))
     ctx = SetupContext(backbone=backbone, classnames=classes, dataset="caltech101", template="a photo of a {}.",
                        recipe=recipe, protocol=protocol, shots=16, seed=0, device=torch.device("cpu"))
     module = pm.hook.setup(ctx=ctx)
